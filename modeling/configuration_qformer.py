@@ -1,0 +1,79 @@
+"""Configuration of the stage-1 Q-Former (vision encoder + query transformer + contrastive heads).
+
+Self-contained on purpose: `save_pretrained` copies this file next to the weights, so a machine that has
+never seen this repository can rebuild the model with `trust_remote_code=True`.
+"""
+
+from typing import Literal
+
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+
+class QFormerConfig(PreTrainedConfig):
+    r"""
+    Configuration of [`QFormerModel`]: a vision encoder (any `AutoConfig` vision model, ViT by default), a set of
+    learnable query tokens that cross-attend to its patch features through transformers' BLIP-2 Q-Former layers,
+    and the text path, projections and temperature used for image-text contrastive learning (ITC) and matching (ITM).
+
+    The defaults describe the original recipe's shapes: ViT-B/16 at 224 px and a Q-Former with the layout of
+    `distilbert-base-uncased` (6 layers, hidden 768), 32 queries, cross-attention in every layer.
+
+    Args:
+        vision_config (`dict` or `PreTrainedConfig`, *optional*):
+            Configuration of the vision encoder (`model_type` picks the class; `vit` by default).
+        qformer_config (`dict` or `Blip2QFormerConfig`, *optional*):
+            Configuration of the query transformer. `encoder_hidden_size` is set from the vision encoder and the
+            text path (`use_qformer_text_input`) is always on.
+        num_query_tokens (`int`, defaults to 32):
+            Number of learnable queries, i.e. visual tokens produced per image.
+        embed_dim (`int`, defaults to 256):
+            Size of the shared image-text embedding space of the contrastive heads.
+        freeze_vision (`bool`, defaults to `True`):
+            Keep the vision encoder frozen (the original recipe); the tiny preset trains it.
+        itc_similarity (`"max"` or `"mean"`, defaults to `"max"`):
+            How the per-query image embeddings are compared with a caption: the best query (BLIP-2) or the mean
+            of the query similarities.
+        temperature (`float`, defaults to 0.07):
+            Initial softmax temperature of the contrastive loss (learned through its logarithm).
+        max_logit_scale (`float`, defaults to 100.0):
+            Upper bound of `1 / temperature`, as in CLIP, so the learned scale cannot blow up.
+    """
+
+    model_type = "qformer_vlm_qformer"
+    sub_configs_defaults = {
+        "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="vit"),
+        "qformer_config": SubConfigSpec(
+            config_class=AutoConfig,
+            model_type="blip_2_qformer",
+            init_kwargs={
+                "num_hidden_layers": 6,
+                "hidden_size": 768,
+                "num_attention_heads": 12,
+                "intermediate_size": 3072,
+                "cross_attention_frequency": 1,
+            },
+        ),
+    }
+
+    vision_config: dict | PreTrainedConfig | None = None
+    qformer_config: dict | PreTrainedConfig | None = None
+    num_query_tokens: int = 32
+    embed_dim: int = 256
+    freeze_vision: bool = True
+    itc_similarity: Literal["max", "mean"] = "max"
+    temperature: float = 0.07
+    max_logit_scale: float = 100.0
+    initializer_range: float = 0.02
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.itc_similarity not in ("max", "mean"):
+            raise ValueError(f"itc_similarity must be 'max' or 'mean', got {self.itc_similarity!r}")
+        # The query transformer's cross-attention reads the vision encoder's features, and the contrastive
+        # text path needs BERT-style text embeddings: both follow from the rest of the config.
+        self.qformer_config.encoder_hidden_size = self.vision_config.hidden_size
+        self.qformer_config.use_qformer_text_input = True
+
+
+__all__ = ["QFormerConfig"]

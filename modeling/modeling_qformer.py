@@ -1,0 +1,484 @@
+"""Stage-1 Q-Former: learnable queries cross-attend to a vision encoder's patch features and are aligned with text.
+
+Built from transformers' BLIP-2 Q-Former layers (`Blip2QFormerModel`, `Blip2TextEmbeddings`). The same layers
+encode captions (text-only path, no cross-attention), which is what makes image-text contrastive learning (ITC)
+possible without a separate text encoder. Self-contained apart from sibling relative imports, so that
+`save_pretrained` can ship it with the weights.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_outputs import ModelOutput
+from transformers.models.blip_2.modeling_blip_2 import Blip2QFormerModel, Blip2TextEmbeddings
+from transformers.utils import logging
+
+from .configuration_qformer import QFormerConfig
+
+logger = logging.get_logger(__name__)
+
+
+def query_text_similarity(image_embeds: torch.Tensor, text_embeds: torch.Tensor, mode: str = "max") -> torch.Tensor:
+    """Cosine similarity of every image with every caption.
+
+    Args:
+        image_embeds: `(N_img, num_queries, D)` L2-normalised per-query embeddings, or `(N_img, D)`.
+        text_embeds: `(N_txt, D)` L2-normalised caption embeddings.
+        mode: `"max"` takes the best-matching query (BLIP-2), `"mean"` averages the query similarities.
+
+    Returns:
+        `(N_img, N_txt)` similarities in [-1, 1].
+    """
+    if image_embeds.dim() == 2:
+        return image_embeds @ text_embeds.t()
+    per_query = torch.einsum("iqd,td->itq", image_embeds, text_embeds)
+    if mode == "max":
+        return per_query.max(dim=-1).values
+    if mode == "mean":
+        return per_query.mean(dim=-1)
+    raise ValueError(f"unknown similarity mode {mode!r}; use 'max' or 'mean'")
+
+
+def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenates `tensor` from every process along dim 0; gradients flow back to each process's own slice.
+
+    A no-op outside `torch.distributed` or with one process. `torch.distributed.nn.functional.all_gather` is the
+    autograd-aware collective: its backward sums the gradients every process computed for a slice and returns the
+    sum to the slice's owner, which is what a contrastive loss over the global batch needs.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(tensor.contiguous()), dim=0)
+
+
+def contrastive_loss(
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    logit_scale: torch.Tensor,
+    group_ids: torch.Tensor | None = None,
+    similarity: str = "max",
+    negative_text_embeds: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Symmetric image-text contrastive loss over the batch of all processes.
+
+    Each process scores its own rows against the gathered columns of every process (open_clip's "local loss"):
+    targets are offset by `rank * local_batch`. The mean of the per-process losses equals the loss of one process
+    holding the whole batch, and data-parallel gradient averaging then gives that loss's exact gradient.
+
+    Args:
+        image_embeds: `(B, num_queries, D)` or `(B, D)`, L2-normalised.
+        text_embeds: `(B, D)`, L2-normalised.
+        logit_scale: scalar, `1 / temperature`.
+        group_ids: `(B,)` integer id per sample; samples sharing an id (the same scene or caption) are all
+            correct answers for each other, so the targets spread evenly over them instead of calling a true
+            duplicate a negative. `None`: every sample is its own group.
+        similarity: `"max"` or `"mean"` over queries (see `query_text_similarity`).
+        negative_text_embeds: `(B, K, D)` optional extra captions per image that are known to be wrong (e.g. the
+            same scene with one colour swapped). They are extra columns in the image->text direction only.
+
+    Returns:
+        `(loss, logits_per_image (B, B_global), logits_per_text (B, B_global))`.
+    """
+    batch = text_embeds.shape[0]
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    all_image = gather_with_grad(image_embeds)
+    all_text = gather_with_grad(text_embeds)
+
+    logits_per_image = logit_scale * query_text_similarity(image_embeds, all_text, similarity)
+    logits_per_text = logit_scale * query_text_similarity(all_image, text_embeds, similarity).t()
+
+    local = torch.arange(batch, device=text_embeds.device) + rank * batch
+    if group_ids is None:
+        targets = F.one_hot(local, num_classes=all_text.shape[0]).to(logits_per_image.dtype)
+    else:
+        all_groups = gather_with_grad(group_ids)
+        same = (group_ids[:, None] == all_groups[None, :]).to(logits_per_image.dtype)
+        targets = same / same.sum(dim=1, keepdim=True)
+
+    i2t_logits = logits_per_image
+    i2t_targets = targets
+    if negative_text_embeds is not None:
+        negatives = logit_scale * query_text_similarity_paired(image_embeds, negative_text_embeds, similarity)
+        i2t_logits = torch.cat([logits_per_image, negatives], dim=1)
+        i2t_targets = torch.cat([targets, torch.zeros_like(negatives)], dim=1)
+
+    loss_i2t = torch.sum(-i2t_targets * F.log_softmax(i2t_logits.float(), dim=1), dim=1).mean()
+    loss_t2i = torch.sum(-targets * F.log_softmax(logits_per_text.float(), dim=1), dim=1).mean()
+    return (loss_i2t + loss_t2i) / 2, logits_per_image, logits_per_text
+
+
+def query_text_similarity_paired(image_embeds: torch.Tensor, texts: torch.Tensor, mode: str = "max") -> torch.Tensor:
+    """Similarity of each image with its own K captions: image `(B, Q, D)` or `(B, D)`, texts `(B, K, D)` -> `(B, K)`."""
+    if image_embeds.dim() == 2:
+        return torch.einsum("bd,bkd->bk", image_embeds, texts)
+    per_query = torch.einsum("bqd,bkd->bkq", image_embeds, texts)
+    return per_query.max(dim=-1).values if mode == "max" else per_query.mean(dim=-1)
+
+
+# Where BERT-family text-encoder weights go in the Q-Former. BLIP-2 initialises the query feed-forward layers
+# (`*_query`) from the text ones too, so a feed-forward weight has two destinations.
+_BERT_LAYER_MAP = {
+    "attention.self.query": ["attention.attention.query"],
+    "attention.self.key": ["attention.attention.key"],
+    "attention.self.value": ["attention.attention.value"],
+    "attention.output.dense": ["attention.output.dense"],
+    "attention.output.LayerNorm": ["attention.output.LayerNorm"],
+    "intermediate.dense": ["intermediate.dense", "intermediate_query.dense"],
+    "output.dense": ["output.dense", "output_query.dense"],
+    "output.LayerNorm": ["output.LayerNorm", "output_query.LayerNorm"],
+}
+_DISTILBERT_LAYER_MAP = {
+    "attention.q_lin": ["attention.attention.query"],
+    "attention.k_lin": ["attention.attention.key"],
+    "attention.v_lin": ["attention.attention.value"],
+    "attention.out_lin": ["attention.output.dense"],
+    "sa_layer_norm": ["attention.output.LayerNorm"],
+    "ffn.lin1": ["intermediate.dense", "intermediate_query.dense"],
+    "ffn.lin2": ["output.dense", "output_query.dense"],
+    "output_layer_norm": ["output.LayerNorm", "output_query.LayerNorm"],
+}
+_EMBEDDING_MAP = {
+    "embeddings.word_embeddings": ["embeddings.word_embeddings"],
+    "embeddings.position_embeddings": ["embeddings.position_embeddings"],
+    "embeddings.LayerNorm": ["qformer.layernorm"],
+}
+
+
+def map_bert_state_dict(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Renames a BERT or DistilBERT encoder's weights to this model's Q-Former names.
+
+    Accepts bare encoder keys or keys under a `bert.`/`distilbert.` prefix (task-head checkpoints).
+
+    Returns:
+        `(mapped, unmapped)`: `mapped` has Q-Former parameter names (a feed-forward weight appears under both its
+        text and its query name); `unmapped` lists the source keys with no place in the Q-Former (token-type
+        embeddings, pooler, task heads).
+    """
+    mapped, unmapped = {}, []
+    for key, tensor in state_dict.items():
+        name = key.removeprefix("bert.").removeprefix("distilbert.")
+        stem, _, leaf = name.rpartition(".")
+        targets = _EMBEDDING_MAP.get(stem)
+        if targets is None:
+            parts = stem.split(".")
+            # encoder.layer.{i}.<rest> (BERT) or transformer.layer.{i}.<rest> (DistilBERT)
+            if len(parts) > 3 and parts[1] == "layer" and parts[0] in ("encoder", "transformer"):
+                table = _BERT_LAYER_MAP if parts[0] == "encoder" else _DISTILBERT_LAYER_MAP
+                rest = ".".join(parts[3:])
+                if rest in table:
+                    targets = [f"qformer.encoder.layer.{parts[2]}.{t}" for t in table[rest]]
+        if targets is None:
+            unmapped.append(key)
+            continue
+        for target in targets:
+            mapped[f"{target}.{leaf}"] = tensor
+    return mapped, unmapped
+
+
+def ship_code_with_weights(model: PreTrainedModel, auto_classes: tuple[str, ...]) -> None:
+    """Makes `save_pretrained` copy this model's code and write `auto_map` entries for `auto_classes`.
+
+    `register_for_auto_class` is per process, and a folder whose `auto_map` names code it does not contain cannot be
+    loaded; so every save registers (a no-op when already done) and lists each Auto class that should resolve it.
+    """
+    cls = type(model)
+    if cls._auto_class is None:
+        cls.register_for_auto_class(auto_classes[0])
+    if type(model.config)._auto_class is None:
+        type(model.config).register_for_auto_class()
+    auto_map = dict(getattr(model.config, "auto_map", None) or {})
+    module = cls.__module__.rsplit(".", 1)[-1]
+    for auto_class in auto_classes:
+        auto_map[auto_class] = f"{module}.{cls.__name__}"
+    model.config.auto_map = auto_map
+
+
+@dataclass
+class QFormerModelOutput(ModelOutput):
+    r"""
+    Output of [`QFormerModel`].
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*):
+            Image-text contrastive loss, returned when both images and captions are given and `return_loss`.
+        logits_per_image (`torch.FloatTensor` of shape `(batch_size, global_batch_size)`):
+            Scaled similarities of each image with every caption (of all processes under data parallelism).
+        logits_per_text (`torch.FloatTensor` of shape `(batch_size, global_batch_size)`):
+            Scaled similarities of each caption with every image.
+        image_embeds (`torch.FloatTensor` of shape `(batch_size, num_query_tokens, embed_dim)`):
+            L2-normalised per-query image embeddings.
+        text_embeds (`torch.FloatTensor` of shape `(batch_size, embed_dim)`):
+            L2-normalised caption embeddings (projection of the first token).
+        query_output (`torch.FloatTensor` of shape `(batch_size, num_query_tokens, hidden_size)`):
+            Last hidden state of the queries: the visual tokens stage 2 feeds to the language model.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits_per_image: torch.FloatTensor | None = None
+    logits_per_text: torch.FloatTensor | None = None
+    image_embeds: torch.FloatTensor | None = None
+    text_embeds: torch.FloatTensor | None = None
+    query_output: torch.FloatTensor | None = None
+
+
+class QFormerPreTrainedModel(PreTrainedModel):
+    config: QFormerConfig
+    config_class = QFormerConfig
+    base_model_prefix = "qformer_model"
+    main_input_name = "pixel_values"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_attention_backend = True
+    _no_split_modules = ["Blip2QFormerLayer", "ViTLayer"]
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        ship_code_with_weights(self, ("AutoModel",))
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        # `transformers.initialization` skips tensors already loaded from a checkpoint; torch.nn.init would not.
+        if isinstance(module, QFormerModel):
+            init.normal_(module.query_tokens, std=self.config.initializer_range)
+            init.constant_(module.logit_scale, math.log(1.0 / self.config.temperature))
+        elif isinstance(module, Blip2TextEmbeddings):
+            init.copy_(module.position_ids, torch.arange(module.position_ids.shape[-1]).expand((1, -1)))
+
+
+class QFormerModel(QFormerPreTrainedModel):
+    """Vision encoder + Q-Former + contrastive (ITC) and matching (ITM) heads.
+
+    Example:
+        >>> model = AutoModel.from_pretrained("path/to/qformer", trust_remote_code=True)
+        >>> out = model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask)
+        >>> out.loss, out.logits_per_image.shape  # (), (B, B)
+    """
+
+    def __init__(self, config: QFormerConfig):
+        super().__init__(config)
+        qcfg = config.qformer_config
+        self.vision_model = AutoModel.from_config(config.vision_config)
+        if getattr(self.vision_model, "pooler", None) is not None:
+            # The pooled output is never read; an unused trainable layer would also trip DDP's unused-parameter check.
+            self.vision_model.pooler = None
+        self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, qcfg.hidden_size))
+        self.embeddings = Blip2TextEmbeddings(qcfg)
+        self.qformer = Blip2QFormerModel(qcfg)
+        self.vision_projection = nn.Linear(qcfg.hidden_size, config.embed_dim)
+        self.text_projection = nn.Linear(qcfg.hidden_size, config.embed_dim)
+        self.itm_head = nn.Linear(qcfg.hidden_size, 2)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / config.temperature)))
+        self.post_init()
+        if config.freeze_vision:
+            self.vision_model.requires_grad_(False)
+
+    @classmethod
+    def from_vision_and_text_pretrained(
+        cls, vision_model_name_or_path: str, text_model_name_or_path: str, **config_kwargs
+    ) -> "QFormerModel":
+        """Builds a Q-Former whose vision encoder and text layers start from pretrained checkpoints.
+
+        The vision encoder's weights are loaded as they are; the Q-Former takes the shape of the BERT-family
+        text model (layers, hidden size, heads, vocabulary) and its weights through `map_bert_state_dict`.
+        Cross-attention layers, queries and heads start fresh. Loading reports are logged.
+
+        Example:
+            >>> QFormerModel.from_vision_and_text_pretrained("google/vit-base-patch16-224", "distilbert-base-uncased")
+        """
+        from transformers import AutoConfig
+
+        vision = AutoModel.from_pretrained(vision_model_name_or_path)
+        text = AutoModel.from_pretrained(text_model_name_or_path)
+        tcfg = text.config
+        shape = {  # DistilBERT names its sizes differently from BERT
+            "vocab_size": tcfg.vocab_size,
+            "hidden_size": getattr(tcfg, "dim", None) or tcfg.hidden_size,
+            "num_hidden_layers": getattr(tcfg, "n_layers", None) or tcfg.num_hidden_layers,
+            "num_attention_heads": getattr(tcfg, "n_heads", None) or tcfg.num_attention_heads,
+            "intermediate_size": getattr(tcfg, "hidden_dim", None) or tcfg.intermediate_size,
+            "max_position_embeddings": tcfg.max_position_embeddings,
+            "pad_token_id": tcfg.pad_token_id if tcfg.pad_token_id is not None else 0,
+        }
+        qformer_config = {**shape, "cross_attention_frequency": 1, **config_kwargs.pop("qformer_config", {})}
+        qformer_config = AutoConfig.for_model("blip_2_qformer", **qformer_config)
+        config = QFormerConfig(vision_config=vision.config, qformer_config=qformer_config, **config_kwargs)
+        model = cls(config)
+        report = model.load_vision_state_dict(vision.state_dict())
+        report.update(model.load_text_state_dict(text.state_dict()))
+        logger.info("Initialised from %s and %s: %s", vision_model_name_or_path, text_model_name_or_path, report)
+        return model
+
+    def load_vision_state_dict(self, state_dict: dict[str, torch.Tensor]) -> dict[str, list[str]]:
+        """Copies a vision encoder's weights (e.g. a pretrained ViT); returns the keys it could not place."""
+        result = self.vision_model.load_state_dict(state_dict, strict=False)
+        return {"vision_missing": list(result.missing_keys), "vision_unexpected": list(result.unexpected_keys)}
+
+    def load_text_state_dict(self, state_dict: dict[str, torch.Tensor]) -> dict[str, list[str]]:
+        """Copies a BERT/DistilBERT encoder into the Q-Former's text layers (see `map_bert_state_dict`).
+
+        Returns `{"text_unmapped": source keys without a destination, "text_not_initialised": Q-Former
+        parameters that kept their fresh initialisation (cross-attention, queries, heads)}`.
+        """
+        mapped, unmapped = map_bert_state_dict(state_dict)
+        own = self.state_dict()
+        for name, tensor in mapped.items():
+            if own[name].shape != tensor.shape:
+                raise ValueError(
+                    f"text weight {name} has shape {tuple(tensor.shape)} but the Q-Former expects "
+                    f"{tuple(own[name].shape)}; build the Q-Former with the text model's sizes"
+                )
+        self.load_state_dict(mapped, strict=False)
+        fresh = [k for k in own if k not in mapped and not k.startswith("vision_model.")]
+        return {"text_unmapped": unmapped, "text_not_initialised": fresh}
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value: nn.Module):
+        self.embeddings.word_embeddings = value
+
+    @property
+    def scale(self) -> torch.Tensor:
+        """`1 / temperature`, clamped to `config.max_logit_scale`."""
+        return self.logit_scale.exp().clamp(max=self.config.max_logit_scale)
+
+    def get_vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Patch features of the vision encoder: `(B, 3, H, W)` -> `(B, num_patches (+1), vision_hidden)`."""
+        if self.config.freeze_vision:
+            # A frozen encoder needs no activations kept for backward.
+            with torch.no_grad():
+                return self.vision_model(pixel_values=pixel_values).last_hidden_state
+        return self.vision_model(pixel_values=pixel_values).last_hidden_state
+
+    def get_query_outputs(
+        self, pixel_values: torch.Tensor | None = None, vision_features: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Visual tokens: the queries after cross-attending to the image, `(B, num_query_tokens, hidden_size)`.
+
+        `vision_features` (`(B, num_patches, vision_hidden)`, e.g. read from a feature cache) replace
+        `pixel_values` when the vision encoder is frozen and its outputs were precomputed.
+        """
+        if vision_features is None:
+            if pixel_values is None:
+                raise ValueError("get_query_outputs needs pixel_values or vision_features")
+            vision_features = self.get_vision_features(pixel_values)
+        queries = self.query_tokens.expand(vision_features.shape[0], -1, -1)
+        return self.qformer(
+            query_embeds=queries,
+            query_length=queries.shape[1],
+            encoder_hidden_states=vision_features,
+        ).last_hidden_state
+
+    def get_image_embeds(
+        self, pixel_values: torch.Tensor | None = None, vision_features: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """L2-normalised per-query image embeddings, `(B, num_query_tokens, embed_dim)`."""
+        return F.normalize(self.vision_projection(self.get_query_outputs(pixel_values, vision_features)), dim=-1)
+
+    def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Text-only pass through the Q-Former's self-attention layers: `(B, T)` -> `(B, T, hidden_size)`."""
+        text = self.qformer(
+            query_embeds=self.embeddings(input_ids=input_ids), query_length=0, attention_mask=attention_mask
+        )
+        return text.last_hidden_state
+
+    def get_text_embeds(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """L2-normalised caption embeddings from the first ([CLS]) token, `(B, embed_dim)`."""
+        return F.normalize(self.text_projection(self.get_text_features(input_ids, attention_mask)[:, 0]), dim=-1)
+
+    def similarity(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+        """`(N_img, Q, D)` x `(N_txt, D)` -> `(N_img, N_txt)` cosine similarities (`config.itc_similarity`)."""
+        return query_text_similarity(image_embeds, text_embeds, self.config.itc_similarity)
+
+    def match(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        vision_features: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Image-text matching logits `(B, 2)` (index 1 = match), BLIP-2 style: the queries and the caption attend to
+        each other while the queries cross-attend to the image; the head is averaged over the query outputs."""
+        if vision_features is None:
+            vision_features = self.get_vision_features(pixel_values)
+        batch, num_queries = vision_features.shape[0], self.config.num_query_tokens
+        queries = self.query_tokens.expand(batch, -1, -1)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        mask = torch.cat([attention_mask.new_ones(batch, num_queries), attention_mask], dim=1)
+        hidden = self.qformer(
+            query_embeds=self.embeddings(input_ids=input_ids, query_embeds=queries),
+            query_length=num_queries,
+            attention_mask=mask,
+            encoder_hidden_states=vision_features,
+        ).last_hidden_state
+        return self.itm_head(hidden[:, :num_queries]).mean(dim=1)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        vision_features: torch.Tensor | None = None,
+        group_ids: torch.Tensor | None = None,
+        return_loss: bool = True,
+        **kwargs,
+    ) -> QFormerModelOutput:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, height, width)`, *optional*):
+                Images, as the image processor returns them.
+            input_ids (`torch.LongTensor` of shape `(batch_size, text_length)`, *optional*):
+                Captions, tokenized with a [CLS]-first tokenizer (BERT family).
+            attention_mask (`torch.LongTensor` of shape `(batch_size, text_length)`, *optional*):
+                1 for caption tokens, 0 for padding.
+            vision_features (`torch.FloatTensor` of shape `(batch_size, num_patches, vision_hidden)`, *optional*):
+                Precomputed vision-encoder outputs (feature cache); used instead of `pixel_values`.
+            group_ids (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
+                Duplicate-aware sample ids for the loss (see `contrastive_loss`).
+            return_loss (`bool`, defaults to `True`):
+                Compute the contrastive loss when images and captions are both given.
+        """
+        has_image = pixel_values is not None or vision_features is not None
+        query_output = self.get_query_outputs(pixel_values, vision_features) if has_image else None
+        image_embeds = F.normalize(self.vision_projection(query_output), dim=-1) if has_image else None
+        text_embeds = self.get_text_embeds(input_ids, attention_mask) if input_ids is not None else None
+
+        loss = logits_per_image = logits_per_text = None
+        if image_embeds is not None and text_embeds is not None:
+            if return_loss:
+                loss, logits_per_image, logits_per_text = contrastive_loss(
+                    image_embeds, text_embeds, self.scale, group_ids=group_ids, similarity=self.config.itc_similarity
+                )
+            else:
+                logits_per_image = self.scale * self.similarity(image_embeds, text_embeds)
+                logits_per_text = logits_per_image.t()
+        return QFormerModelOutput(
+            loss=loss,
+            logits_per_image=logits_per_image,
+            logits_per_text=logits_per_text,
+            image_embeds=image_embeds,
+            text_embeds=text_embeds,
+            query_output=query_output,
+        )
+
+
+__all__ = [
+    "QFormerModel",
+    "QFormerPreTrainedModel",
+    "QFormerModelOutput",
+    "contrastive_loss",
+    "gather_with_grad",
+    "map_bert_state_dict",
+    "query_text_similarity",
+    "ship_code_with_weights",
+]

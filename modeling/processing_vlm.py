@@ -1,0 +1,71 @@
+"""Processor of the VLM: image processor + the language model's tokenizer + its chat template.
+
+Each image placeholder in a prompt becomes `num_query_tokens` image tokens, the positions where the model writes
+its visual tokens; the rest (batching, padding, chat templates) is `ProcessorMixin`'s own machinery.
+"""
+
+from transformers import ProcessorMixin
+
+# A minimal ChatML template (the format of SmolLM-Instruct and Qwen3): an image item renders as the placeholder.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}{{ '<image>' }}{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+class VLMProcessor(ProcessorMixin):
+    r"""
+    Prepares images and prompts for [`VLMForConditionalGeneration`].
+
+    Args:
+        image_processor: the vision encoder's image processor (e.g. `ViTImageProcessor`).
+        tokenizer: the language model's tokenizer; it must know `image_token` as a single token.
+        chat_template (`str`, *optional*): Jinja template for `apply_chat_template`; an `{"type": "image"}` item
+            must render as `image_token`.
+        image_token (`str`, defaults to `"<image>"`): the placeholder a prompt holds once per image.
+        num_query_tokens (`int`, defaults to 32): how many image tokens each placeholder expands into.
+
+    Example:
+        >>> inputs = processor(images=[img], text=["<|im_start|>user\n<image>What colour is the circle?<|im_end|>\n"])
+        >>> inputs["input_ids"].shape, inputs["pixel_values"].shape  # (1, T), (1, 3, H, W)
+    """
+
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        chat_template: str | None = None,
+        image_token: str = "<image>",
+        num_query_tokens: int = 32,
+        **kwargs,
+    ):
+        self.image_token = image_token
+        self.num_query_tokens = num_query_tokens
+        ids = tokenizer.encode(image_token, add_special_tokens=False)
+        if len(ids) != 1:
+            raise ValueError(
+                f"the tokenizer splits the image placeholder {image_token!r} into {len(ids)} tokens; add it with "
+                f"tokenizer.add_special_tokens({{'additional_special_tokens': [{image_token!r}]}}) first"
+            )
+        self.image_token_id = ids[0]
+        super().__init__(image_processor, tokenizer, chat_template=chat_template or DEFAULT_CHAT_TEMPLATE)
+
+    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
+        # Every image gives the same number of visual tokens: one per query.
+        return self.image_token * self.num_query_tokens
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # Ship this file with the processor so AutoProcessor can rebuild it with trust_remote_code.
+        if type(self)._auto_class is None:
+            type(self).register_for_auto_class("AutoProcessor")
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+
+__all__ = ["VLMProcessor"]

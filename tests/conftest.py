@@ -1,0 +1,50 @@
+import pytest
+import torch
+
+import modeling  # noqa: F401  (registers the Auto classes)
+from modeling.presets import build_tiny_qformer, build_vlm
+from tests.helpers import TINY_CORPUS, TINY_LM
+
+torch.set_num_threads(2)
+
+
+def tiny_qformer_and_processor(**config_kwargs):
+    torch.manual_seed(0)
+    kwargs = {
+        "num_query_tokens": 4,
+        "embed_dim": 32,
+        "vision": {"image_size": 32, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                   "intermediate_size": 64},
+        "qformer": {"hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64},
+        **config_kwargs,
+    }
+    return build_tiny_qformer(TINY_CORPUS * 5, text_vocab_size=300, **kwargs)
+
+
+def tiny_vlm_and_processor(**qformer_kwargs):
+    qformer, qformer_processor = tiny_qformer_and_processor(**qformer_kwargs)
+    torch.manual_seed(1)
+    return build_vlm(qformer, qformer_processor, corpus=TINY_CORPUS * 5, lm=TINY_LM, lm_vocab_size=400)
+
+
+@pytest.fixture
+def tiny_qformer():
+    return tiny_qformer_and_processor()
+
+
+@pytest.fixture
+def tiny_vlm():
+    return tiny_vlm_and_processor()
+
+
+@pytest.fixture
+def shape_images():
+    """Four distinct small RGB images."""
+    from PIL import Image, ImageDraw
+
+    images = []
+    for i, colour in enumerate([(220, 30, 30), (30, 160, 40), (40, 60, 220), (230, 200, 20)]):
+        img = Image.new("RGB", (32, 32), (245, 245, 240))
+        ImageDraw.Draw(img).ellipse([4 + i * 3, 4, 20 + i * 3, 20], fill=colour)
+        images.append(img)
+    return images
