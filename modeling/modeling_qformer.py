@@ -148,7 +148,7 @@ _DISTILBERT_LAYER_MAP = {
 _EMBEDDING_MAP = {
     "embeddings.word_embeddings": ["embeddings.word_embeddings"],
     "embeddings.position_embeddings": ["embeddings.position_embeddings"],
-    "embeddings.LayerNorm": ["qformer.layernorm"],
+    "embeddings.LayerNorm": ["query_transformer.layernorm"],
 }
 
 
@@ -174,7 +174,7 @@ def map_bert_state_dict(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, 
                 table = _BERT_LAYER_MAP if parts[0] == "encoder" else _DISTILBERT_LAYER_MAP
                 rest = ".".join(parts[3:])
                 if rest in table:
-                    targets = [f"qformer.encoder.layer.{parts[2]}.{t}" for t in table[rest]]
+                    targets = [f"query_transformer.encoder.layer.{parts[2]}.{t}" for t in table[rest]]
         if targets is None:
             unmapped.append(key)
             continue
@@ -272,7 +272,7 @@ class QFormerModel(QFormerPreTrainedModel):
             self.vision_model.pooler = None
         self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, qcfg.hidden_size))
         self.embeddings = Blip2TextEmbeddings(qcfg)
-        self.qformer = Blip2QFormerModel(qcfg)
+        self.query_transformer = Blip2QFormerModel(qcfg)
         self.vision_projection = nn.Linear(qcfg.hidden_size, config.embed_dim)
         self.text_projection = nn.Linear(qcfg.hidden_size, config.embed_dim)
         self.itm_head = nn.Linear(qcfg.hidden_size, 2)
@@ -372,7 +372,7 @@ class QFormerModel(QFormerPreTrainedModel):
                 raise ValueError("get_query_outputs needs pixel_values or vision_features")
             vision_features = self.get_vision_features(pixel_values)
         queries = self.query_tokens.expand(vision_features.shape[0], -1, -1)
-        return self.qformer(
+        return self.query_transformer(
             query_embeds=queries,
             query_length=queries.shape[1],
             encoder_hidden_states=vision_features,
@@ -386,7 +386,7 @@ class QFormerModel(QFormerPreTrainedModel):
 
     def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Text-only pass through the Q-Former's self-attention layers: `(B, T)` -> `(B, T, hidden_size)`."""
-        text = self.qformer(
+        text = self.query_transformer(
             query_embeds=self.embeddings(input_ids=input_ids), query_length=0, attention_mask=attention_mask
         )
         return text.last_hidden_state
@@ -415,7 +415,7 @@ class QFormerModel(QFormerPreTrainedModel):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         mask = torch.cat([attention_mask.new_ones(batch, num_queries), attention_mask], dim=1)
-        hidden = self.qformer(
+        hidden = self.query_transformer(
             query_embeds=self.embeddings(input_ids=input_ids, query_embeds=queries),
             query_length=num_queries,
             attention_mask=mask,
