@@ -36,8 +36,8 @@ class QFormerConfig(PreTrainedConfig):
             of the query similarities.
         temperature (`float`, defaults to 0.07):
             Initial softmax temperature of the contrastive loss (learned through its logarithm).
-        max_logit_scale (`float`, defaults to 100.0):
-            Upper bound of `1 / temperature`, as in CLIP, so the learned scale cannot blow up.
+        itm_weight (`float`, defaults to 0.0):
+            Weight of the image-text matching loss with hard negatives added to ITC (0 turns ITM off).
     """
 
     model_type = "qformer_vlm_qformer"
@@ -63,7 +63,7 @@ class QFormerConfig(PreTrainedConfig):
     freeze_vision: bool = True
     itc_similarity: Literal["max", "mean"] = "max"
     temperature: float = 0.07
-    max_logit_scale: float = 100.0
+    itm_weight: float = 0.0
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):

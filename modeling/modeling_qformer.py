@@ -10,7 +10,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, PreTrainedModel
@@ -20,107 +19,16 @@ from transformers.models.blip_2.modeling_blip_2 import Blip2QFormerModel, Blip2T
 from transformers.utils import logging
 
 from .configuration_qformer import QFormerConfig
+from .qformer_losses import (
+    MAX_LOGIT_SCALE,
+    contrastive_loss,
+    gather_with_grad,
+    itm_loss,
+    query_text_similarity,
+    sample_itm_negatives,
+)
 
 logger = logging.get_logger(__name__)
-
-
-def query_text_similarity(image_embeds: torch.Tensor, text_embeds: torch.Tensor, mode: str = "max") -> torch.Tensor:
-    """Cosine similarity of every image with every caption.
-
-    Args:
-        image_embeds: `(N_img, num_queries, D)` L2-normalised per-query embeddings, or `(N_img, D)`.
-        text_embeds: `(N_txt, D)` L2-normalised caption embeddings.
-        mode: `"max"` takes the best-matching query (BLIP-2), `"mean"` averages the query similarities.
-
-    Returns:
-        `(N_img, N_txt)` similarities in [-1, 1].
-    """
-    if image_embeds.dim() == 2:
-        return image_embeds @ text_embeds.t()
-    per_query = torch.einsum("iqd,td->itq", image_embeds, text_embeds)
-    if mode == "max":
-        return per_query.max(dim=-1).values
-    if mode == "mean":
-        return per_query.mean(dim=-1)
-    raise ValueError(f"unknown similarity mode {mode!r}; use 'max' or 'mean'")
-
-
-def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
-    """Concatenates `tensor` from every process along dim 0; gradients flow back to each process's own slice.
-
-    A no-op outside `torch.distributed` or with one process. `torch.distributed.nn.functional.all_gather` is the
-    autograd-aware collective: its backward sums the gradients every process computed for a slice and returns the
-    sum to the slice's owner, which is what a contrastive loss over the global batch needs.
-    """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return tensor
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(tensor.contiguous()), dim=0)
-
-
-def contrastive_loss(
-    image_embeds: torch.Tensor,
-    text_embeds: torch.Tensor,
-    logit_scale: torch.Tensor,
-    group_ids: torch.Tensor | None = None,
-    similarity: str = "max",
-    negative_text_embeds: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Symmetric image-text contrastive loss over the batch of all processes.
-
-    Each process scores its own rows against the gathered columns of every process (open_clip's "local loss"):
-    targets are offset by `rank * local_batch`. The mean of the per-process losses equals the loss of one process
-    holding the whole batch, and data-parallel gradient averaging then gives that loss's exact gradient.
-
-    Args:
-        image_embeds: `(B, num_queries, D)` or `(B, D)`, L2-normalised.
-        text_embeds: `(B, D)`, L2-normalised.
-        logit_scale: scalar, `1 / temperature`.
-        group_ids: `(B,)` integer id per sample; samples sharing an id (the same scene or caption) are all
-            correct answers for each other, so the targets spread evenly over them instead of calling a true
-            duplicate a negative. `None`: every sample is its own group.
-        similarity: `"max"` or `"mean"` over queries (see `query_text_similarity`).
-        negative_text_embeds: `(B, K, D)` optional extra captions per image that are known to be wrong (e.g. the
-            same scene with one colour swapped). They are extra columns in the image->text direction only.
-
-    Returns:
-        `(loss, logits_per_image (B, B_global), logits_per_text (B, B_global))`.
-    """
-    batch = text_embeds.shape[0]
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    all_image = gather_with_grad(image_embeds)
-    all_text = gather_with_grad(text_embeds)
-
-    logits_per_image = logit_scale * query_text_similarity(image_embeds, all_text, similarity)
-    logits_per_text = logit_scale * query_text_similarity(all_image, text_embeds, similarity).t()
-
-    local = torch.arange(batch, device=text_embeds.device) + rank * batch
-    if group_ids is None:
-        targets = F.one_hot(local, num_classes=all_text.shape[0]).to(logits_per_image.dtype)
-    else:
-        all_groups = gather_with_grad(group_ids)
-        same = (group_ids[:, None] == all_groups[None, :]).to(logits_per_image.dtype)
-        targets = same / same.sum(dim=1, keepdim=True)
-
-    i2t_logits = logits_per_image
-    i2t_targets = targets
-    if negative_text_embeds is not None:
-        negatives = logit_scale * query_text_similarity_paired(image_embeds, negative_text_embeds, similarity)
-        i2t_logits = torch.cat([logits_per_image, negatives], dim=1)
-        i2t_targets = torch.cat([targets, torch.zeros_like(negatives)], dim=1)
-
-    loss_i2t = torch.sum(-i2t_targets * F.log_softmax(i2t_logits.float(), dim=1), dim=1).mean()
-    loss_t2i = torch.sum(-targets * F.log_softmax(logits_per_text.float(), dim=1), dim=1).mean()
-    return (loss_i2t + loss_t2i) / 2, logits_per_image, logits_per_text
-
-
-def query_text_similarity_paired(image_embeds: torch.Tensor, texts: torch.Tensor, mode: str = "max") -> torch.Tensor:
-    """Similarity of each image with its own K captions: image `(B, Q, D)` or `(B, D)`, texts `(B, K, D)` -> `(B, K)`."""
-    if image_embeds.dim() == 2:
-        return torch.einsum("bd,bkd->bk", image_embeds, texts)
-    per_query = torch.einsum("bqd,bkd->bkq", image_embeds, texts)
-    return per_query.max(dim=-1).values if mode == "max" else per_query.mean(dim=-1)
 
 
 # Where BERT-family text-encoder weights go in the Q-Former. BLIP-2 initialises the query feed-forward layers
@@ -346,11 +254,6 @@ class QFormerModel(QFormerPreTrainedModel):
     def set_input_embeddings(self, value: nn.Module):
         self.embeddings.word_embeddings = value
 
-    @property
-    def scale(self) -> torch.Tensor:
-        """`1 / temperature`, clamped to `config.max_logit_scale`."""
-        return self.logit_scale.exp().clamp(max=self.config.max_logit_scale)
-
     def get_vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Patch features of the vision encoder: `(B, 3, H, W)` -> `(B, num_patches (+1), vision_hidden)`."""
         if self.config.freeze_vision:
@@ -430,6 +333,8 @@ class QFormerModel(QFormerPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         vision_features: torch.Tensor | None = None,
         group_ids: torch.Tensor | None = None,
+        negative_input_ids: torch.Tensor | None = None,
+        negative_attention_mask: torch.Tensor | None = None,
         return_loss: bool = True,
         **kwargs,
     ) -> QFormerModelOutput:
@@ -445,22 +350,46 @@ class QFormerModel(QFormerPreTrainedModel):
                 Precomputed vision-encoder outputs (feature cache); used instead of `pixel_values`.
             group_ids (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
                 Duplicate-aware sample ids for the loss (see `contrastive_loss`).
+            negative_input_ids (`torch.LongTensor` of shape `(batch_size * K, text_length)`, *optional*):
+                K captions per image known to be wrong for it (e.g. one colour swapped), extra negatives of the
+                image->text direction.
+            negative_attention_mask (`torch.LongTensor` of shape `(batch_size * K, text_length)`, *optional*):
+                Their attention mask.
             return_loss (`bool`, defaults to `True`):
-                Compute the contrastive loss when images and captions are both given.
+                Compute the loss (ITC, plus ITM when `config.itm_weight > 0`) when images and captions are given.
+                Under `torch.distributed` the loss contrasts against the whole global batch.
         """
         has_image = pixel_values is not None or vision_features is not None
-        query_output = self.get_query_outputs(pixel_values, vision_features) if has_image else None
+        if has_image and vision_features is None:
+            vision_features = self.get_vision_features(pixel_values)
+        query_output = self.get_query_outputs(vision_features=vision_features) if has_image else None
         image_embeds = F.normalize(self.vision_projection(query_output), dim=-1) if has_image else None
         text_embeds = self.get_text_embeds(input_ids, attention_mask) if input_ids is not None else None
 
         loss = logits_per_image = logits_per_text = None
         if image_embeds is not None and text_embeds is not None:
             if return_loss:
-                loss, logits_per_image, logits_per_text = contrastive_loss(
-                    image_embeds, text_embeds, self.scale, group_ids=group_ids, similarity=self.config.itc_similarity
+                negatives = None
+                if negative_input_ids is not None:
+                    negatives = self.get_text_embeds(negative_input_ids, negative_attention_mask)
+                    negatives = negatives.view(text_embeds.shape[0], -1, negatives.shape[-1])
+                itc = contrastive_loss(
+                    image_embeds,
+                    text_embeds,
+                    self.logit_scale.exp(),
+                    group_ids=group_ids,
+                    negative_text_embeds=negatives,
+                    similarity=self.config.itc_similarity,
                 )
+                loss, logits_per_image, logits_per_text = itc.loss, itc.logits_per_image, itc.logits_per_text
+                if self.config.itm_weight > 0:
+                    num_columns = itc.logits_per_text.shape[1]
+                    loss = loss + self.config.itm_weight * self._itm_loss(
+                        itc.logits_per_image[:, :num_columns], itc.logits_per_text, group_ids,
+                        vision_features, input_ids, attention_mask,
+                    )
             else:
-                logits_per_image = self.scale * self.similarity(image_embeds, text_embeds)
+                logits_per_image = self.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE) * self.similarity(image_embeds, text_embeds)
                 logits_per_text = logits_per_image.t()
         return QFormerModelOutput(
             loss=loss,
@@ -471,14 +400,18 @@ class QFormerModel(QFormerPreTrainedModel):
             query_output=query_output,
         )
 
+    def _itm_loss(self, sim_i2t, sim_t2i, group_ids, vision_features, input_ids, attention_mask) -> torch.Tensor:
+        """BLIP-2's image-text matching: each pair, plus a hard negative caption per image and a hard negative image
+        per caption, drawn by similarity from the global batch (never a duplicate of the sample)."""
+        neg_text, neg_image = sample_itm_negatives(sim_i2t.detach(), sim_t2i.detach(), group_ids)
+        all_features = gather_with_grad(vision_features)
+        all_ids, all_mask = gather_with_grad(input_ids), gather_with_grad(attention_mask)
+        features = torch.cat([vision_features, vision_features, all_features[neg_image]])
+        ids = torch.cat([input_ids, all_ids[neg_text], input_ids])
+        mask = torch.cat([attention_mask, all_mask[neg_text], attention_mask])
+        batch = input_ids.shape[0]
+        labels = torch.cat([input_ids.new_ones(batch), input_ids.new_zeros(2 * batch)])
+        return itm_loss(self.match(ids, mask, vision_features=features), labels)
 
-__all__ = [
-    "QFormerModel",
-    "QFormerPreTrainedModel",
-    "QFormerModelOutput",
-    "contrastive_loss",
-    "gather_with_grad",
-    "map_bert_state_dict",
-    "query_text_similarity",
-    "ship_code_with_weights",
-]
+
+__all__ = ["QFormerModel", "QFormerPreTrainedModel", "QFormerModelOutput", "map_bert_state_dict", "ship_code_with_weights"]

@@ -172,6 +172,7 @@ def build_vlm(
     processor = VLMProcessor(
         image_processor=qformer_processor.image_processor,
         tokenizer=tokenizer,
+        qformer_tokenizer=qformer_processor.tokenizer,
         num_query_tokens=qformer.config.num_query_tokens,
     )
     model = VLMForConditionalGeneration.from_qformer_and_lm(

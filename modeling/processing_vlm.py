@@ -27,6 +27,8 @@ class VLMProcessor(ProcessorMixin):
     Args:
         image_processor: the vision encoder's image processor (e.g. `ViTImageProcessor`).
         tokenizer: the language model's tokenizer; it must know `image_token` as a single token.
+        qformer_tokenizer: the Q-Former's own (BERT-family) tokenizer, for retrieval through `model.qformer`; saved
+            in `qformer_tokenizer/` as InstructBLIP does.
         chat_template (`str`, *optional*): Jinja template for `apply_chat_template`; an `{"type": "image"}` item
             must render as `image_token`.
         image_token (`str`, defaults to `"<image>"`): the placeholder a prompt holds once per image.
@@ -41,6 +43,7 @@ class VLMProcessor(ProcessorMixin):
         self,
         image_processor=None,
         tokenizer=None,
+        qformer_tokenizer=None,
         chat_template: str | None = None,
         image_token: str = "<image>",
         num_query_tokens: int = 32,
@@ -55,7 +58,7 @@ class VLMProcessor(ProcessorMixin):
                 f"tokenizer.add_special_tokens({{'additional_special_tokens': [{image_token!r}]}}) first"
             )
         self.image_token_id = ids[0]
-        super().__init__(image_processor, tokenizer, chat_template=chat_template or DEFAULT_CHAT_TEMPLATE)
+        super().__init__(image_processor, tokenizer, qformer_tokenizer, chat_template=chat_template or DEFAULT_CHAT_TEMPLATE)
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
         # Every image gives the same number of visual tokens: one per query.

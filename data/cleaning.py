@@ -1,0 +1,221 @@
+"""Turn one raw sample, from any source, into a clean output row or a row that says why it is skipped.
+
+A raw sample is image bytes, caption text and optional extras (references, question-answer pairs,
+hard-negative captions, a duplicate-group id), as they come out of a tar shard or a `datasets` row.
+Everything is treated as untrusted: the result is either a row with `OUTPUT_FEATURES`' columns, or
+a "verdict" row that only says why not. `data.loading` counts the verdicts and drops those rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import datasets
+import fsspec
+from datasets import Features, List, Value
+
+from .sanitize import CAPTION_MISSING, clean_caption, decode_image, normalize_caption
+
+METADATA_UNREADABLE = "metadata json unreadable"
+NO_CAPTION_NO_QA = "no caption and no usable question-answer pair"
+REFERENCE_DROPPED = "unusable reference or negative caption dropped"
+QA_DROPPED = "unusable question-answer pair dropped"
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+_QA_FEATURE = {"question": Value("string"), "answer": Value("string"), "type": Value("string")}
+OUTPUT_FEATURES = Features(
+    {
+        "image": datasets.Image(mode="RGB"),
+        "caption": Value("string"),
+        "key": Value("string"),
+        "group_id": Value("string"),
+        "references": List(Value("string")),
+        "qa": List(_QA_FEATURE),
+        "negative_captions": List(Value("string")),
+    }
+)
+# The cleaning step's verdict rides along in these columns until it has been counted.
+HIDDEN_FEATURES = {"_skip": Value("string"), "_repairs": List(Value("string")), "_shard_problem": Value("string")}
+# Images stay undecoded until the very end, so each kept image is decoded once, when read.
+CLEANED_FEATURES = Features({**OUTPUT_FEATURES, "image": datasets.Image(decode=False), **HIDDEN_FEATURES})
+
+
+@dataclass(frozen=True)
+class CleaningOptions:
+    """Limits applied to every sample; see `load_image_text_dataset`."""
+
+    max_caption_chars: int = 512
+    long_caption_policy: Literal["truncate", "skip"] = "truncate"
+    min_image_side: int = 8
+    max_image_pixels: int = 64_000_000
+    require_caption: bool = True
+
+
+def verdict_row(key: str, *, skip: str | None = None, shard_problem: str | None = None) -> dict[str, Any]:
+    """A row that carries no sample, only why: a skipped sample, or a shard that could not be read."""
+    return {
+        "image": None, "caption": None, "key": key, "group_id": None, "references": [], "qa": [],
+        "negative_captions": [], "_skip": skip, "_repairs": [], "_shard_problem": shard_problem,
+    }
+
+
+def _as_list(value: Any, repairs: list[str], reason: str) -> list[Any]:
+    """Metadata lists arrive from files: None means absent; anything else that is not a list is noted."""
+    if value is None or isinstance(value, list):
+        return value or []
+    repairs.append(reason)
+    return []
+
+
+def _clean_texts(values: Any, options: CleaningOptions, repairs: list[str]) -> list[str]:
+    """Clean a list of extra captions; drop (and note) the unusable ones."""
+    cleaned = []
+    for value in _as_list(values, repairs, REFERENCE_DROPPED):
+        text = clean_caption(value, max_chars=options.max_caption_chars).text
+        if text is None:
+            repairs.append(REFERENCE_DROPPED)
+        else:
+            cleaned.append(text)
+    return cleaned
+
+
+def _clean_qa(pairs: Any, options: CleaningOptions, repairs: list[str]) -> list[dict[str, str]]:
+    """Keep the pairs whose question and answer are usable text; type defaults to "open"."""
+    cleaned = []
+    for pair in _as_list(pairs, repairs, QA_DROPPED):
+        if not isinstance(pair, dict):
+            repairs.append(QA_DROPPED)
+            continue
+        question = clean_caption(pair.get("question"), max_chars=options.max_caption_chars).text
+        answer = clean_caption(pair.get("answer"), max_chars=options.max_caption_chars).text
+        kind = pair.get("type") if isinstance(pair.get("type"), str) else "open"
+        if question is None or answer is None:
+            repairs.append(QA_DROPPED)
+        else:
+            cleaned.append({"question": question, "answer": answer, "type": kind})
+    return cleaned
+
+
+def clean_sample(
+    key: str,
+    image: bytes | None,
+    caption: Any,
+    options: CleaningOptions,
+    *,
+    references: Any = None,
+    qa: Any = None,
+    negative_captions: Any = None,
+    group_id: Any = None,
+) -> dict[str, Any]:
+    """Decide one sample: a clean row, or a row that only says why it is skipped.
+
+    `caption` may be a list (several captions of one image): the first is the caption, the others
+    become references. The other text arguments come from files and may be anything.
+    """
+    repairs: list[str] = []
+    extra_captions: list[Any] = []
+    if isinstance(caption, list):
+        caption, extra_captions = (caption[0], caption[1:]) if caption else (None, [])
+    text = clean_caption(caption, max_chars=options.max_caption_chars, long_policy=options.long_caption_policy)
+    qa_pairs = _clean_qa(qa, options, repairs)
+    if text.skip is not None and (options.require_caption or text.skip != CAPTION_MISSING):
+        return verdict_row(key, skip=text.skip)
+    if text.text is None and not qa_pairs:
+        return verdict_row(key, skip=NO_CAPTION_NO_QA)
+    decoded = decode_image(image, min_side=options.min_image_side, max_pixels=options.max_image_pixels)
+    if decoded.skip is not None:
+        return verdict_row(key, skip=decoded.skip)
+    repairs += [r for r in (text.repair, decoded.repair) if r is not None]
+    caption_text = text.text or ""
+    refs = [caption_text] if caption_text else []
+    for reference in _clean_texts(extra_captions, options, repairs) + _clean_texts(references, options, repairs):
+        if reference not in refs:
+            refs.append(reference)
+    if isinstance(group_id, str) and group_id:
+        group = group_id
+    else:
+        # A caption identifies true duplicates; without one, the image bytes do.
+        group = normalize_caption(caption_text) or caption_text or hashlib.sha1(decoded.data).hexdigest()
+    return {
+        "image": {"bytes": decoded.data, "path": None},
+        "caption": caption_text,
+        "key": key,
+        "group_id": group,
+        "references": refs,
+        "qa": qa_pairs,
+        "negative_captions": _clean_texts(negative_captions, options, repairs),
+        "_skip": None,
+        "_repairs": repairs,
+        "_shard_problem": None,
+    }
+
+
+def sample_from_files(key: str, files: dict[str, bytes], options: CleaningOptions) -> dict[str, Any]:
+    """Clean one webdataset sample, {extension: bytes}: image, .txt caption, .json metadata.
+
+    The JSON may carry the shapes generator's references, qa, negative_captions and scene_id; from
+    img2dataset they arrive the same way when passed through its save_additional_columns.
+    """
+    meta: Any = {}
+    if "json" in files:
+        try:
+            meta = json.loads(files["json"])
+        except ValueError:  # also UnicodeDecodeError
+            return verdict_row(key, skip=METADATA_UNREADABLE)
+        if not isinstance(meta, dict):
+            return verdict_row(key, skip=METADATA_UNREADABLE)
+    image = next((files[ext] for ext in IMAGE_EXTENSIONS if ext in files), None)
+    # img2dataset also keeps the caption in the JSON; the .txt member is the primary copy.
+    caption = files["txt"] if "txt" in files else meta.get("caption")
+    return clean_sample(
+        key, image, caption, options,
+        references=meta.get("references"), qa=meta.get("qa"), negative_captions=meta.get("negative_captions"),
+        group_id=meta.get("scene_id"),
+    )
+
+
+def _read_path(path: str) -> bytes | None:
+    """The file's bytes, or None when it cannot be read (counted as a missing image)."""
+    try:
+        with fsspec.open(path, "rb") as f:
+            return f.read()
+    except (OSError, ValueError):
+        return None
+
+
+def _image_bytes(value: Any) -> bytes | None:
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            return value["bytes"]
+        return _read_path(value["path"]) if value.get("path") else None
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    if isinstance(value, str):
+        return _read_path(value)
+    return None
+
+
+def _first_answer(value: Any) -> Any:
+    # VQA sets often store several annotators' answers; the first is the one we train on.
+    while isinstance(value, list) and value:
+        value = value[0]
+    return value.get("answer") if isinstance(value, dict) else value
+
+
+def clean_dataset_row(
+    row: dict[str, Any], index: int, *, columns: dict[str, str | None], options: CleaningOptions
+) -> dict[str, Any]:
+    """Clean one row of a `datasets` source; `columns` maps image/caption/question/answer/group/key to names."""
+    key = str(row[columns["key"]]) if columns["key"] else str(index)
+    qa = []
+    if columns["question"] and columns["answer"]:
+        qa = [{"question": row[columns["question"]], "answer": _first_answer(row[columns["answer"]]), "type": "open"}]
+    caption = row[columns["caption"]] if columns["caption"] else None
+    group = row[columns["group"]] if columns["group"] else None
+    return clean_sample(
+        key, _image_bytes(row[columns["image"]]), caption, options, qa=qa,
+        group_id=str(group) if group is not None else None,
+    )

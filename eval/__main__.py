@@ -1,0 +1,73 @@
+"""`python -m eval --model <folder or Hub id> --data <shards or dataset> --out <dir>`: evaluate and write a report."""
+
+import argparse
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+from .generation import GENERATION_PRESETS
+from .report import load_log_history
+from .run import evaluate_model
+
+logger = logging.getLogger("eval")
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m eval",
+        description=(
+            "Evaluate a stage-1 Q-Former (retrieval) or a VLM (captioning, VQA, and retrieval through its Q-Former) "
+            "and write metrics.json, report.md, pictures and CSVs into --out."
+        ),
+        epilog="example: python -m eval --model outputs/demo/vlm --data data/shapes --split validation "
+               "--out outputs/demo/eval",
+    )
+    parser.add_argument("--model", required=True, help="a saved model folder or a Hub id")
+    parser.add_argument("--data", required=True, help="shards folder, .tar files, dataset folder/file or Hub dataset")
+    parser.add_argument("--out", required=True, help="output folder for the report")
+    parser.add_argument("--split", default=None, help="data split (default: the only one, or train)")
+    parser.add_argument("--max-samples", type=int, default=None, help="evaluate the first N samples only")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--strategy", choices=sorted(GENERATION_PRESETS), default="greedy", help="caption decoding")
+    parser.add_argument("--max-new-tokens", type=int, default=40, help="longest caption, in tokens")
+    parser.add_argument("--no-shuffled", action="store_true", help="skip captioning with another image's pixels")
+    parser.add_argument("--no-vqa", action="store_true", help="skip visual question answering")
+    parser.add_argument("--meteor", choices=["auto", "on", "off"], default="auto",
+                        help="METEOR needs Java; auto computes it when java is on PATH")
+    parser.add_argument("--qformer-tokenizer", default=None,
+                        help="the Q-Former's text tokenizer (e.g. the stage-1 folder) for retrieval with a VLM")
+    parser.add_argument("--trainer-state", action="append", default=[], metavar="[LABEL=]PATH",
+                        help="a trainer_state.json (or its folder) to draw training curves from; repeatable. "
+                             "Default: the model folder's own trainer_state.json if it has one")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when available)")
+    return parser.parse_args(argv)
+
+
+def _log_histories(specs: Sequence[str], model: str) -> dict[str, list[dict]]:
+    if not specs and (Path(model) / "trainer_state.json").is_file():
+        specs = [f"training={model}"]
+    histories = {}
+    for spec in specs:
+        label, _, path = spec.rpartition("=")
+        histories[label or Path(path).name] = load_log_history(path)
+    return histories
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = _parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    metrics, _ = evaluate_model(
+        args.model, args.data, args.out, split=args.split, max_samples=args.max_samples, batch_size=args.batch_size,
+        strategy=args.strategy, max_new_tokens=args.max_new_tokens, shuffled=not args.no_shuffled,
+        vqa=not args.no_vqa, meteor={"auto": None, "on": True, "off": False}[args.meteor],
+        qformer_tokenizer=args.qformer_tokenizer, log_histories=_log_histories(args.trainer_state, args.model),
+        device=args.device,
+    )
+    logger.info("report in %s/report.md", args.out)
+    print(json.dumps({k: v for k, v in metrics.items() if k != "meta"}, indent=2))
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""Evaluate a saved model folder (or Hub id) on a data source: the steps behind `python -m eval`.
+
+A stage-1 Q-Former gets retrieval. A VLM gets captioning (optionally also with shuffled images),
+VQA when the rows have question-answer pairs, caption-vs-scene checks on synthetic shapes data, and
+retrieval through its Q-Former when the Q-Former's text tokenizer can be found.
+"""
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+
+from data.loading import load_image_text_dataset
+from data.shapes import parse_caption
+
+from .captioning import evaluate_captioning
+from .report import write_report
+from .retrieval import evaluate_retrieval
+from .scene import caption_scene_metrics
+from .vqa import evaluate_vqa
+
+logger = logging.getLogger(__name__)
+
+QFORMER_MODEL_TYPE = "qformer_vlm_qformer"
+VLM_MODEL_TYPE = "qformer_vlm"
+# Where a VLM folder keeps its Q-Former's text tokenizer (the sub-folder name InstructBLIP's processor uses).
+QFORMER_TOKENIZER_SUBFOLDER = "qformer_tokenizer"
+
+
+def load_rows(data: str, split: str | None, max_samples: int | None) -> list[dict]:
+    """The evaluation rows (decoded), at most `max_samples` from the start of the split."""
+    dataset = load_image_text_dataset(data, split=split)
+    if max_samples is not None:
+        dataset = dataset.select(range(min(max_samples, len(dataset))))
+    return [dataset[i] for i in range(len(dataset))]
+
+
+def qformer_text_tokenizer(model_name_or_path: str, processor, override: str | None = None):
+    """The tokenizer of a VLM's Q-Former text side, or None when it cannot be found.
+
+    Looked for in this order: `override`, a `qformer_tokenizer` attribute of the processor, the
+    `qformer_tokenizer/` sub-folder of the model.
+    """
+    if override is not None:
+        return AutoTokenizer.from_pretrained(override)
+    if getattr(processor, "qformer_tokenizer", None) is not None:
+        return processor.qformer_tokenizer
+    try:
+        return AutoTokenizer.from_pretrained(model_name_or_path, subfolder=QFORMER_TOKENIZER_SUBFOLDER)
+    except (OSError, ValueError):
+        return None
+
+
+def _scene_checks(rows: list[dict], generated: list[str]) -> dict | None:
+    """Caption-vs-scene scores when every reference caption parses as a shapes scene (synthetic data)."""
+    scenes = [parse_caption(row["caption"]) for row in rows]
+    if any(scene is None for scene in scenes):
+        return None
+    return caption_scene_metrics(generated, scenes)
+
+
+def evaluate_model(
+    model_name_or_path: str,
+    data: str,
+    out_dir: str | Path,
+    *,
+    split: str | None = None,
+    max_samples: int | None = None,
+    batch_size: int = 32,
+    strategy: str = "greedy",
+    max_new_tokens: int = 40,
+    shuffled: bool = True,
+    vqa: bool = True,
+    meteor: bool | None = None,
+    qformer_tokenizer: str | None = None,
+    log_histories: Mapping[str, list[dict]] | None = None,
+    device: str | None = None,
+) -> tuple[dict, str]:
+    """Runs every evaluation that fits the model and writes the report into `out_dir`.
+
+    Returns:
+        `(metrics, model_card_section)`; the files are described in `eval.report.write_report`.
+    """
+    out_dir = Path(out_dir)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model_type = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=True).model_type
+    if model_type not in (QFORMER_MODEL_TYPE, VLM_MODEL_TYPE):
+        raise ValueError(
+            f"{model_name_or_path} is a {model_type!r} model; python -m eval takes a stage-1 Q-Former "
+            f"({QFORMER_MODEL_TYPE}) or a VLM ({VLM_MODEL_TYPE}) saved by this project's training scripts."
+        )
+    rows = load_rows(data, split, max_samples)
+    logger.info("evaluating %s (%s) on %d samples of %s", model_name_or_path, model_type, len(rows), data)
+    processor = AutoProcessor.from_pretrained(model_name_or_path, trust_remote_code=True)
+    metrics: dict = {"meta": {"model": str(model_name_or_path), "data": f"{data}" + (f" [{split}]" if split else ""),
+                              "num_samples": len(rows), "model_type": model_type, "decoding": strategy}}
+
+    if model_type == QFORMER_MODEL_TYPE:
+        model = AutoModel.from_pretrained(model_name_or_path, trust_remote_code=True).to(device)
+        metrics["retrieval"] = evaluate_retrieval(
+            model, rows, processor.image_processor, processor.tokenizer, out_dir, batch_size=batch_size
+        )
+    else:
+        model = AutoModelForImageTextToText.from_pretrained(model_name_or_path, trust_remote_code=True).to(device)
+        captions = evaluate_captioning(
+            model, processor, rows, out_dir, batch_size=batch_size, strategy=strategy,
+            max_new_tokens=max_new_tokens, shuffled=shuffled, meteor=meteor,
+        )
+        metrics["captioning"] = captions["captioning"]
+        if shuffled:
+            metrics["captioning_shuffled"] = captions["captioning_shuffled"]
+        for suffix in ("", "_shuffled") if shuffled else ("",):
+            scene = _scene_checks(rows, captions[f"captions{suffix}"])
+            if scene is not None:
+                metrics[f"caption_scene{suffix}"] = scene
+        if vqa and any(row.get("qa") for row in rows):
+            metrics["vqa"] = evaluate_vqa(model, processor, rows, out_dir, batch_size=batch_size)
+        tokenizer = qformer_text_tokenizer(model_name_or_path, processor, qformer_tokenizer)
+        if tokenizer is None:
+            logger.warning(
+                "no retrieval: the Q-Former's text tokenizer is not in %s/%s; pass --qformer-tokenizer "
+                "<stage-1 folder> to evaluate retrieval through the VLM's Q-Former",
+                model_name_or_path, QFORMER_TOKENIZER_SUBFOLDER,
+            )
+        else:
+            metrics["retrieval"] = evaluate_retrieval(
+                model.qformer, rows, processor.image_processor, tokenizer, out_dir, batch_size=batch_size
+            )
+    section = write_report(out_dir, metrics, log_histories)
+    (out_dir / "model_card_section.md").write_text(section, encoding="utf-8")
+    return metrics, section

@@ -1,0 +1,112 @@
+"""Visual question answering: answers from a VLM, answer normalisation, and accuracy per question type.
+
+Two scores per question: exact match (the stripped strings are equal) and normalised accuracy
+(equal after `normalize_answer`, in the spirit of the VQA benchmark's answer processing: case,
+punctuation, articles, number words and spacing do not count).
+"""
+
+import csv
+import re
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+from .generation import generate_texts
+
+_NUMBER_WORDS = {
+    word: str(value)
+    for value, word in enumerate(
+        "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+        "sixteen seventeen eighteen nineteen twenty".split()
+    )
+}
+_ARTICLES = {"a", "an", "the"}
+_APOSTROPHES = str.maketrans({"'": "", "\u2019": "", "\u2018": ""})
+
+
+def normalize_answer(text: str) -> str:
+    """Canonical form of a short answer: "Two  dogs." -> "2 dogs", "the RED one" -> "red 1".
+
+    Lowercase; thousands separators and decimal points between digits kept as numbers ("1,000" ->
+    "1000", "2.5" stays); apostrophes dropped ("what's" -> "whats"); any other punctuation becomes
+    a space; the articles a/an/the removed; number words zero..twenty written as digits; runs of
+    spaces collapsed.
+    """
+    text = text.lower().translate(_APOSTROPHES)
+    text = re.sub(r"(?<=\d),(?=\d{3})", "", text)
+    # every punctuation mark but a decimal point between digits, and the underscore \w lets through
+    text = re.sub(r"(?!(?<=\d)\.(?=\d))[^\w\s]|_", " ", text)
+    return " ".join(_NUMBER_WORDS.get(word, word) for word in text.split() if word not in _ARTICLES)
+
+
+def vqa_accuracy(
+    predictions: Sequence[str], answers: Sequence[str], question_types: Sequence[str] | None = None
+) -> dict:
+    """Exact-match and normalised accuracy, overall and per question type.
+
+    Returns:
+        `{"exact_match", "accuracy", "num_questions", "per_type": {type: {same three keys}}}`;
+        `per_type` is empty when no types are given.
+    """
+    if len(predictions) != len(answers):
+        raise ValueError(f"{len(predictions)} predictions for {len(answers)} answers; they must pair up.")
+    if question_types is not None and len(question_types) != len(answers):
+        raise ValueError(f"{len(question_types)} question types for {len(answers)} answers; give one per question.")
+    if not answers:
+        raise ValueError("no questions to score; the evaluation rows hold no QA pairs.")
+    exact = [p.strip() == a.strip() for p, a in zip(predictions, answers)]
+    normalised = [normalize_answer(p) == normalize_answer(a) for p, a in zip(predictions, answers)]
+    by_type: dict[str, list[int]] = defaultdict(list)
+    for index, kind in enumerate(question_types or []):
+        by_type[kind].append(index)
+    return {
+        **_scores(exact, normalised, range(len(answers))),
+        "per_type": {kind: _scores(exact, normalised, indices) for kind, indices in sorted(by_type.items())},
+    }
+
+
+def _scores(exact: list[bool], normalised: list[bool], indices) -> dict:
+    indices = list(indices)
+    return {
+        "exact_match": sum(exact[i] for i in indices) / len(indices),
+        "accuracy": sum(normalised[i] for i in indices) / len(indices),
+        "num_questions": len(indices),
+    }
+
+
+def evaluate_vqa(
+    model,
+    processor,
+    rows: Sequence[dict],
+    out_dir: str | Path | None = None,
+    batch_size: int = 16,
+    max_new_tokens: int = 16,
+) -> dict:
+    """Asks the VLM every question of every row (greedy) and scores the answers.
+
+    Args:
+        rows: dicts with `"image"` (PIL), `"qa"` (list of `{"question", "answer", "type"}`) and `"key"`.
+        out_dir: when given, `vqa.csv` (id, type, question, answer, prediction, correct) goes there.
+
+    Returns:
+        `vqa_accuracy`'s dict.
+    """
+    asked = [(row, qa) for row in rows for qa in row.get("qa") or []]
+    if not asked:
+        raise ValueError("none of the evaluation rows has a 'qa' list; VQA needs question-answer pairs.")
+    predictions = generate_texts(
+        model, processor, [row["image"] for row, _ in asked], [qa["question"] for _, qa in asked],
+        batch_size=batch_size, max_new_tokens=max_new_tokens, desc="vqa",
+    )
+    answers = [qa["answer"] for _, qa in asked]
+    types = [qa.get("type") or "unknown" for _, qa in asked]
+    if out_dir is not None:
+        path = Path(out_dir) / "vqa.csv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(["id", "type", "question", "answer", "prediction", "correct"])
+            for (row, qa), kind, prediction in zip(asked, types, predictions):
+                correct = normalize_answer(prediction) == normalize_answer(qa["answer"])
+                writer.writerow([row.get("key", ""), kind, qa["question"], qa["answer"], prediction, int(correct)])
+    return vqa_accuracy(predictions, answers, types)

@@ -1,0 +1,184 @@
+"""The shapes generator: determinism, captions that parse back, held-out combinations, readable pictures."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import random
+import re
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from data.shapes import (
+    COLORS,
+    COLS,
+    COUNT_WORDS,
+    ROWS,
+    SHAPES,
+    SIZES,
+    TEMPLATES,
+    ShapeObject,
+    make_scene,
+    negative_scenes,
+    parse_holdout,
+    position_phrase,
+    scene_from_json,
+    scene_id,
+)
+from data.synthetic import caption_for, generate_scene, main, parse_caption, questions_for, render, write_split
+
+from .conftest import read_tar
+
+ALL_SINGLE_OBJECT_SCENES = [
+    make_scene([ShapeObject(shape, color, size, row, col)])
+    for shape, color, size, row, col in itertools.product(SHAPES, COLORS, SIZES, ROWS, COLS)
+]
+
+
+def _random_scenes(n: int, seed: int = 0) -> list:
+    rng = random.Random(seed)
+    return [generate_scene(rng) for _ in range(n)]
+
+
+def _shard_bytes(folder) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.suffix in (".tar", ".parquet")}
+
+
+def test_same_seed_same_bytes_whatever_the_process_count(tmp_path) -> None:
+    write_split(tmp_path / "a", "train", 24, seed=3, samples_per_shard=10, num_proc=1)
+    write_split(tmp_path / "b", "train", 24, seed=3, samples_per_shard=10, num_proc=2)
+    write_split(tmp_path / "c", "train", 24, seed=4, samples_per_shard=10, num_proc=1)
+    first, second, other = (_shard_bytes(tmp_path / name / "train") for name in "abc")
+    assert sorted(first) == ["00000.parquet", "00000.tar", "00001.parquet", "00001.tar", "00002.parquet", "00002.tar"]
+    assert first == second
+    assert first["00000.tar"] != other["00000.tar"]
+
+
+def test_layout_matches_img2dataset(shapes_dir) -> None:
+    folder = shapes_dir / "train"
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "00000.parquet", "00000.tar", "00000_stats.json", "00001.parquet", "00001.tar", "00001_stats.json",
+    ]
+    samples = read_tar(folder / "00001.tar")
+    parquet = pq.read_table(folder / "00001.parquet").to_pylist()
+    stats = json.loads((folder / "00001_stats.json").read_text())
+    assert stats["count"] == stats["successes"] == len(samples) == len(parquet) == 14
+    assert [row["key"] for row in parquet] == sorted(samples)
+    for key, files in samples.items():
+        assert set(files) == {"jpg", "txt", "json"}
+        meta = json.loads(files["json"])
+        assert meta["key"] == key and meta["caption"] == files["txt"].decode()
+        assert Image.open(io.BytesIO(files["jpg"])).size == (64, 64)
+        scene = scene_from_json(meta["scene"])
+        assert scene_id(scene) == meta["scene_id"]
+        assert parse_caption(meta["caption"]) == scene
+        assert all(parse_caption(reference) == scene for reference in meta["references"])
+        assert len(meta["references"]) == len(TEMPLATES) - 1
+        assert {pair["type"] for pair in meta["qa"]} >= {"count", "color", "shape", "size", "exists"}
+
+
+@pytest.mark.parametrize("template_id", range(len(TEMPLATES)))
+def test_every_caption_parses_back_to_its_scene(template_id: int) -> None:
+    for scene in ALL_SINGLE_OBJECT_SCENES + _random_scenes(400, seed=template_id):
+        caption = caption_for(scene, template_id)
+        assert parse_caption(caption) == scene, caption
+        # Tolerant of form: case, punctuation, spacing.
+        assert parse_caption("  " + caption.upper().replace(" ", "  ") + ". ") == scene, caption
+
+
+def test_parser_rejects_incomplete_or_inconsistent_captions() -> None:
+    for text in [
+        "",
+        "a red circle in the top left",  # no size
+        "a small red circle",  # no position
+        "two shapes: a small red circle at the top left",  # count disagrees
+        "a small red circle in the top left and a large blue square in the top left",  # one cell twice
+        "a small red circle and a large blue square in the center",  # a clause without its position
+    ]:
+        assert parse_caption(text) is None, text
+
+
+def _differs_in_one_attribute(scene, other) -> bool:
+    removed, added = set(scene) - set(other), set(other) - set(scene)
+    if len(removed) != 1 or len(added) != 1:
+        return False
+    (old,), (new,) = removed, added
+    if (old.row, old.col) != (new.row, new.col):  # moved: nothing else may change
+        return (old.shape, old.color, old.size) == (new.shape, new.color, new.size)
+    return sum(getattr(old, a) != getattr(new, a) for a in ("shape", "color", "size")) == 1
+
+
+def test_negative_captions_change_exactly_one_attribute_of_one_object() -> None:
+    rng = random.Random(1)
+    for scene in _random_scenes(200, seed=9):
+        negatives = [parse_caption(caption_for(n, 3)) for n in negative_scenes(rng, scene)]
+        assert len(negatives) == len(scene) + 3  # a colour change per object, then shape, size, position
+        assert all(_differs_in_one_attribute(scene, negative) for negative in negatives)
+        colour_changes = negatives[: len(scene)]
+        assert all({o.color for o in set(n) - set(scene)} != {o.color for o in set(scene) - set(n)} for n in colour_changes)
+
+
+def test_questions_answer_what_the_scene_shows() -> None:
+    rng = random.Random(2)
+    for scene in _random_scenes(200, seed=5):
+        at = {position_phrase(o.row, o.col): o for o in scene}
+        colours_and_shapes = {(o.color, o.shape) for o in scene}
+        for pair in questions_for(scene, rng):
+            question, answer, kind = pair["question"], pair["answer"], pair["type"]
+            if kind == "count":
+                assert answer == COUNT_WORDS[len(scene)]
+            elif kind in ("color", "shape", "size"):
+                where = re.search(r"in the (.+)\?$", question).group(1)
+                assert answer == getattr(at[where], kind), question
+            elif kind == "position":
+                described = re.search(r"where is the (\w+) (\w+) (\w+)\?", question).groups()
+                assert (at[answer].size, at[answer].color, at[answer].shape) == described
+            else:
+                color, shape = re.search(r"is there an? (\w+) (\w+)\?", question).groups()
+                assert answer == ("yes" if (color, shape) in colours_and_shapes else "no")
+
+
+def test_held_out_combinations_never_reach_train(tmp_path) -> None:
+    holdouts = [parse_holdout("green triangle"), parse_holdout("large blue")]
+    write_split(tmp_path, "train", 150, seed=0, holdouts=holdouts, num_proc=1)
+    write_split(tmp_path, "validation", 150, seed=0, num_proc=1)
+
+    def objects_and_texts(split: str):
+        for files in read_tar(next((tmp_path / split).glob("*.tar"))).values():
+            meta = json.loads(files["json"])
+            texts = [meta["caption"], *meta["references"], *meta["negative_captions"]]
+            texts += [pair["question"] for pair in meta["qa"]]
+            yield scene_from_json(meta["scene"]), " ".join(texts)
+
+    def held_out(obj) -> bool:
+        return (obj.color, obj.shape) == ("green", "triangle") or (obj.size, obj.color) == ("large", "blue")
+
+    for scene, text in objects_and_texts("train"):
+        assert not any(held_out(obj) for obj in scene)
+        assert "green triangle" not in text and "large blue" not in text
+    assert any(held_out(obj) for scene, _ in objects_and_texts("validation") for obj in scene)
+
+
+def test_sizes_and_colours_are_easy_to_tell_apart() -> None:
+    background = np.array([236, 236, 232])
+    for shape, color in itertools.product(SHAPES, COLORS):
+        areas = {}
+        for size in SIZES:
+            image = np.asarray(render([ShapeObject(shape, color, size, "middle", "center")], 64), dtype=float)
+            areas[size] = int((np.abs(image - background).sum(axis=2) > 60).sum())
+            centre = image[30:34, 30:34].reshape(-1, 3).mean(axis=0)
+            assert np.abs(centre - COLORS[color]).max() < 25, (shape, color, size, centre)
+        assert areas["large"] > 2.5 * areas["small"] > 2.5 * 20, (shape, color, areas)
+
+
+def test_help(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for option in ("--out", "--train", "--validation", "--test", "--seed", "--image-size", "--holdout"):
+        assert option in text

@@ -1,0 +1,182 @@
+"""Batch builders for the two stages.
+
+Rows come from `data.loading.load_image_text_dataset`: "image" (PIL, RGB), "caption", "key", "group_id",
+"references", "qa" (list of {"question", "answer", "type"}), "negative_captions".
+"""
+
+import hashlib
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+# Varied captioning instructions, so the model learns the task rather than one prompt string.
+CAPTION_INSTRUCTIONS = (
+    "Describe the image.",
+    "What is in this picture?",
+    "Write a short caption for this image.",
+    "Describe what you see.",
+    "Give a one-sentence description of the image.",
+    "What does the image show?",
+)
+
+
+def stable_hash(text: str, salt: str = "") -> int:
+    """A 63-bit hash that is the same in every process and every run (Python's `hash` is salted per process)."""
+    return int.from_bytes(hashlib.blake2b(f"{salt}\0{text}".encode(), digest_size=8).digest(), "big") >> 1
+
+
+@dataclass
+class ContrastiveCollator:
+    """Stage 1: images, tokenized captions and a duplicate-aware group id per sample.
+
+    Args:
+        processor: the stage-1 processor (image processor + BERT-family tokenizer).
+        max_length: caption tokens (longer captions are cut; the loader already bounds them in characters).
+        hard_negatives: how many counterfactual captions per image to add (`negative_input_ids`,
+            `(B * hard_negatives, L)`); rows with fewer cycle through theirs. A row with none is an error, because
+            any stand-in caption could be a false negative.
+    """
+
+    processor: object
+    max_length: int = 48
+    hard_negatives: int = 0
+
+    def __call__(self, rows: Sequence[dict]) -> dict[str, torch.Tensor]:
+        tokenizer = self.processor.tokenizer
+        text = tokenizer(
+            [row["caption"] for row in rows],
+            padding="max_length",
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        )
+        batch = {
+            "pixel_values": self.processor.image_processor([row["image"] for row in rows], return_tensors="pt")[
+                "pixel_values"
+            ],
+            "input_ids": text["input_ids"],
+            "attention_mask": text["attention_mask"],
+            "group_ids": torch.tensor([stable_hash(row["group_id"]) for row in rows], dtype=torch.long),
+        }
+        if self.hard_negatives:
+            negatives = [self._negatives_of(row) for row in rows]
+            neg = tokenizer(
+                [c for row_negs in negatives for c in row_negs],
+                padding="max_length",
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
+            )
+            batch["negative_input_ids"] = neg["input_ids"]
+            batch["negative_attention_mask"] = neg["attention_mask"]
+        return batch
+
+    def _negatives_of(self, row: dict) -> list[str]:
+        negatives = list(row.get("negative_captions") or [])
+        if not negatives:
+            raise ValueError(
+                f"sample {row['key']!r} has no negative_captions but hard_negatives={self.hard_negatives}; "
+                "set hard_negatives: 0 for data without counterfactual captions"
+            )
+        return (negatives * self.hard_negatives)[: self.hard_negatives]
+
+
+@dataclass
+class CaptioningCollator:
+    """Stage 2: chat conversations about each image, with loss on the assistant's tokens only.
+
+    Each sample becomes one conversation: the user shows the image with a captioning instruction (chosen per sample,
+    deterministically from its key) and the assistant answers with the caption; then up to `qa_turns`
+    question-answer turns about the same image follow. Labels are -100 everywhere except the answers and the
+    `<|im_end|>`-style token that closes each answer (so the model learns to stop).
+
+    Args:
+        processor: a `VLMProcessor`.
+        max_length: tokens per conversation, image tokens included; longer ones are cut at the end.
+        qa_turns: question-answer turns after the caption (0: captions only).
+        with_caption: include the captioning turn.
+        seed: varies the instruction choice between runs, never between processes or resumptions.
+    """
+
+    processor: object
+    max_length: int = 160
+    qa_turns: int = 3
+    with_caption: bool = True
+    seed: int = 0
+    instructions: Sequence[str] = field(default=CAPTION_INSTRUCTIONS)
+
+    def conversation(self, row: dict) -> list[tuple[str, str]]:
+        """The (user text, assistant answer) turns for one sample."""
+        rng = random.Random(stable_hash(row["key"], salt=str(self.seed)))
+        turns = []
+        if self.with_caption:
+            turns.append((rng.choice(self.instructions), row["caption"]))
+        qa = list(row.get("qa") or [])
+        rng.shuffle(qa)
+        turns += [(pair["question"], pair["answer"]) for pair in qa[: self.qa_turns]]
+        if not turns:
+            raise ValueError(f"sample {row['key']!r} gives no turn: no caption turn and no question-answer pairs")
+        return turns
+
+    def render(self, turns: list[tuple[str, str]]) -> tuple[str, list[tuple[int, int]]]:
+        """The chat text of a conversation (image placeholder in the first turn) and the character spans of answers."""
+        messages, spans = [], []
+        text = ""
+        for i, (question, answer) in enumerate(turns):
+            content = [{"type": "text", "text": question}]
+            if i == 0:
+                content.insert(0, {"type": "image"})
+            messages.append({"role": "user", "content": content})
+            prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+            text = self.processor.apply_chat_template(messages, tokenize=False)
+            if not text.startswith(prompt):
+                raise ValueError("the chat template does not render a conversation as a prefix of its continuation")
+            # The answer, the end-of-turn token and nothing after it (a template's trailing newline is not learned).
+            end = text.index(self.processor.tokenizer.eos_token, len(prompt)) + len(self.processor.tokenizer.eos_token)
+            spans.append((len(prompt), end))
+        return text, spans
+
+    def __call__(self, rows: Sequence[dict]) -> dict[str, torch.Tensor]:
+        tokenizer = self.processor.tokenizer
+        image_tokens = self.processor.image_token * self.processor.num_query_tokens
+        texts, all_spans = [], []
+        for row in rows:
+            text, spans = self.render(self.conversation(row))
+            # Expand the placeholder as the processor does; answers all come after it, so shift their spans.
+            shift = len(image_tokens) - len(self.processor.image_token)
+            texts.append(text.replace(self.processor.image_token, image_tokens, 1))
+            all_spans.append([(start + shift, end + shift) for start, end in spans])
+        tokenizer.padding_side = "right"
+        encoded = tokenizer(
+            texts,
+            padding=True,
+            truncation=True,
+            max_length=self.max_length,
+            return_offsets_mapping=True,
+            add_special_tokens=False,
+            return_tensors="pt",
+        )
+        image_id = self.processor.image_token_id
+        if not bool((encoded["input_ids"] == image_id).sum(dim=1).eq(self.processor.num_query_tokens).all()):
+            raise ValueError(
+                f"max_length={self.max_length} cuts into the {self.processor.num_query_tokens} image tokens; raise it"
+            )
+        labels = torch.full_like(encoded["input_ids"], -100)
+        for i, spans in enumerate(all_spans):
+            starts, ends = encoded["offset_mapping"][i, :, 0], encoded["offset_mapping"][i, :, 1]
+            for start, end in spans:
+                inside = (starts >= start) & (ends <= end) & (ends > starts)
+                labels[i, inside] = encoded["input_ids"][i, inside]
+        pixel_values = self.processor.image_processor([row["image"] for row in rows], return_tensors="pt")
+        return {
+            "input_ids": encoded["input_ids"],
+            "attention_mask": encoded["attention_mask"],
+            "pixel_values": pixel_values["pixel_values"],
+            "labels": labels,
+        }
+
+
+__all__ = ["CAPTION_INSTRUCTIONS", "CaptioningCollator", "ContrastiveCollator", "stable_hash"]

@@ -1,0 +1,153 @@
+"""Stage 1: align a Q-Former with text by image-text contrastive learning, through the Hugging Face Trainer.
+
+    accelerate launch --config_file accelerate_config.yaml -m training.train_qformer configs/base/stage1.yaml
+    python -m training.train_qformer configs/tiny/stage1.yaml --max_steps 100 --output_dir outputs/q
+
+Evaluation reports retrieval Recall@1/5/10 both ways on the evaluation split; checkpoints resume with
+`--resume_from_checkpoint`; `--push_to_hub` uploads the model, its code, its processor and a model card.
+"""
+
+import logging
+import sys
+
+import torch
+import transformers
+from transformers import EvalPrediction, TrainingArguments, set_seed
+
+import modeling  # noqa: F401  (registers the models with the Auto classes and for code shipping)
+from eval.retrieval import retrieval_metrics
+from modeling.presets import build_pretrained_qformer, build_tiny_qformer, load_qformer
+
+from .arguments import DataArguments, QFormerModelArguments, parse_args
+from .checkpoints import resolve_resume_checkpoint
+from .collators import ContrastiveCollator
+from .losses import query_text_similarity
+from .data_setup import load_splits, text_corpus
+from .model_card import ModelCardTrainerMixin
+from .trainer import ParamGroupTrainer
+
+logger = logging.getLogger(__name__)
+
+# Weights that a pretrained preset copies from its vision and text checkpoints (not the new cross-attention,
+# queries or heads): they train at `pretrained_lr_ratio` times the learning rate.
+PRETRAINED_WEIGHTS = (
+    r"^(vision_model\.|embeddings\.|query_transformer\.layernorm\."
+    r"|query_transformer\.encoder\.layer\.\d+\.(attention|intermediate|output)[._])"
+)
+
+
+class QFormerTrainer(ModelCardTrainerMixin, ParamGroupTrainer):
+    """Evaluation returns each sample's image and caption embeddings, so retrieval can rank the whole split."""
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            outputs = model(**inputs)
+        loss = outputs.loss.detach().mean() if outputs.loss is not None else None
+        if prediction_loss_only:
+            return loss, None, None
+        return loss, (outputs.image_embeds.float(), outputs.text_embeds.float()), inputs["group_ids"]
+
+
+def retrieval_compute_metrics(similarity_mode: str):
+    """`compute_metrics` for the Trainer: Recall@K both ways over the whole evaluation split, duplicate-aware."""
+
+    def compute(prediction: EvalPrediction) -> dict[str, float]:
+        image_embeds, text_embeds = (torch.as_tensor(x) for x in prediction.predictions)
+        group_ids = torch.as_tensor(prediction.label_ids).tolist()
+        similarity = query_text_similarity(image_embeds, text_embeds, similarity_mode)
+        scores = retrieval_metrics(similarity, group_ids, group_ids)
+        return {k: v for k, v in scores.items() if k.endswith(("_r1", "_r5", "_r10"))}
+
+    return compute
+
+
+def build_model(model_args: QFormerModelArguments, corpus: list[str], resume_from: str | None):
+    config_kwargs = {
+        "num_query_tokens": model_args.num_query_tokens,
+        "embed_dim": model_args.embed_dim,
+        "freeze_vision": model_args.freeze_vision,
+        "itc_similarity": model_args.itc_similarity,
+        "temperature": model_args.temperature,
+        "itm_weight": model_args.itm_weight,
+    }
+    if model_args.model_name_or_path:
+        return load_qformer(model_args.model_name_or_path)
+    if model_args.vision_model_name_or_path and model_args.text_model_name_or_path:
+        return build_pretrained_qformer(
+            model_args.vision_model_name_or_path,
+            model_args.text_model_name_or_path,
+            qformer_config=model_args.qformer_config,
+            **config_kwargs,
+        )
+    model, processor = build_tiny_qformer(
+        corpus,
+        vision=model_args.vision_config,
+        qformer=model_args.qformer_config,
+        text_vocab_size=model_args.text_vocab_size,
+        **config_kwargs,
+    )
+    if resume_from is not None:
+        # The tokenizer was trained at the start of the interrupted run; the checkpoint holds that exact one.
+        _, processor = load_qformer(resume_from)
+    return model, processor
+
+
+def main(argv: list[str] | None = None) -> dict:
+    model_args, data_args, training_args = parse_args((QFormerModelArguments, DataArguments, TrainingArguments), argv)
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=logging.INFO if training_args.should_log else logging.WARNING,
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    transformers.utils.logging.set_verbosity(logging.WARNING)
+    set_seed(training_args.seed)
+    # The collator's group ids are the labels evaluation needs; everything else is in the batch dict.
+    training_args.remove_unused_columns = False
+    training_args.label_names = ["group_ids"]
+
+    resume_from = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+    train_dataset, eval_dataset = load_splits(data_args, training_args.seed)
+    model, processor = build_model(model_args, text_corpus(train_dataset), resume_from)
+    logger.info("stage-1 model: %.2fM parameters, %.2fM trainable",
+                sum(p.numel() for p in model.parameters()) / 1e6,
+                sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6)
+
+    pretrained = bool(model_args.vision_model_name_or_path and model_args.text_model_name_or_path)
+    lr_rules = [(PRETRAINED_WEIGHTS, training_args.learning_rate * model_args.pretrained_lr_ratio)] if pretrained else []
+    trainer = QFormerTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=ContrastiveCollator(processor, data_args.max_caption_length, data_args.hard_negatives),
+        processing_class=processor,
+        compute_metrics=retrieval_compute_metrics(model.config.itc_similarity),
+        param_group_lrs=lr_rules,
+    )
+
+    metrics = {}
+    if training_args.do_train:
+        result = trainer.train(resume_from_checkpoint=resume_from)
+        trainer.save_model()
+        trainer.save_state()
+        metrics.update(result.metrics)
+        trainer.log_metrics("train", result.metrics)
+        trainer.save_metrics("train", result.metrics)
+    if training_args.do_eval:
+        eval_metrics = trainer.evaluate()
+        metrics.update(eval_metrics)
+        trainer.log_metrics("eval", eval_metrics)
+        trainer.save_metrics("eval", eval_metrics)
+
+    card = {"finetuned_from": model_args.text_model_name_or_path, "tasks": "image-text retrieval",
+            "dataset": data_args.train_data}
+    if training_args.push_to_hub:
+        trainer.push_to_hub(**card)
+    elif trainer.is_world_process_zero():
+        trainer.create_model_card(**card)
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
