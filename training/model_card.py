@@ -26,7 +26,7 @@ def card_sections(model, metrics: dict, samples: list[tuple[str, str]] | None, r
     name = type(model).__name__
     lines = ["", "## qformer-vlm", "", f"A `{name}` trained with qformer-vlm. Load it with `trust_remote_code=True`: "
              "the model's code ships in this folder.", "", USAGE.get(name, "").format(repo=repo), ""]
-    qformer = getattr(config, "qformer_config", config)
+    qformer = config.qformer_config if hasattr(config, "text_config") else config  # a VLM holds its stage-1 config
     sizes = {
         "vision encoder": f"{qformer.vision_config.model_type}, {qformer.vision_config.num_hidden_layers} layers x "
         f"{qformer.vision_config.hidden_size}, {qformer.vision_config.image_size}px",
