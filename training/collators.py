@@ -87,9 +87,9 @@ class ContrastiveCollator:
 class CaptioningCollator:
     """Stage 2: chat conversations about each image, with loss on the assistant's tokens only.
 
-    Each sample becomes one conversation: the user shows the image with a captioning instruction (chosen per sample,
-    deterministically from its key) and the assistant answers with the caption; then up to `qa_turns`
-    question-answer turns about the same image follow. Labels are -100 everywhere except the answers and the
+    Each sample becomes one conversation about its image: a captioning turn (an instruction chosen per sample,
+    answered with the caption) and up to `qa_turns` question-answer turns, in an order drawn per sample (the image
+    goes with the first turn). All choices are deterministic functions of the sample's key and `seed`. Labels are -100 everywhere except the answers and the
     `<|im_end|>`-style token that closes each answer (so the model learns to stop).
 
     Args:
@@ -110,12 +110,13 @@ class CaptioningCollator:
     def conversation(self, row: dict) -> list[tuple[str, str]]:
         """The (user text, assistant answer) turns for one sample."""
         rng = random.Random(stable_hash(row["key"], salt=str(self.seed)))
-        turns = []
-        if self.with_caption:
-            turns.append((rng.choice(self.instructions), row["caption"]))
         qa = list(row.get("qa") or [])
         rng.shuffle(qa)
-        turns += [(pair["question"], pair["answer"]) for pair in qa[: self.qa_turns]]
+        turns = [(pair["question"], pair["answer"]) for pair in qa[: self.qa_turns]]
+        if self.with_caption:
+            turns.append((rng.choice(self.instructions), row["caption"]))
+        # Any turn may come first, i.e. right after the image: evaluation asks captions and questions that way.
+        rng.shuffle(turns)
         if not turns:
             raise ValueError(f"sample {row['key']!r} gives no turn: no caption turn and no question-answer pairs")
         return turns
