@@ -1,0 +1,67 @@
+"""The benchmark scripts run end to end on CPU at tiny sizes and print well-formed JSON lines (no timing asserted)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+from tests.helpers import REPO
+
+THROUGHPUT_KEYS = {"case", "device", "batch", "pairs_per_s", "tokens_per_s", "flop_util", "peak_mem_gib",
+                   "flops_per_step", "loss", "sizes"}
+
+
+def run_json_lines(module: str, *args: str) -> list[dict]:
+    # One thread: the cores are shared with other test processes, and oversubscribed OpenMP threads crawl.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return [json.loads(line) for line in proc.stdout.splitlines()]  # stdout holds nothing but the results
+
+
+def assert_finite_numbers(result: dict) -> None:
+    for key, value in result.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            assert math.isfinite(value) and value >= 0, (result["case"], key, value)
+
+
+def test_throughput_smoke_on_cpu():
+    results = run_json_lines("benchmarks.throughput", "--tiny", "--device", "cpu")
+    assert [r["case"] for r in results] == [
+        "stage1/original", "stage1/ours_vit", "stage1/ours_cached", "stage2/original", "stage2/ours", "stage2/ours_b4",
+    ]
+    for result in results:
+        assert THROUGHPUT_KEYS <= result.keys(), result["case"]
+        assert_finite_numbers(result)
+        assert result["device"] == "cpu" and result["sizes"] == "tiny" and "smoke check" in result["note"]
+        assert result["pairs_per_s"] > 0 and result["flops_per_step"] > 0
+        assert ("ratio_vs_original" in result) == (not result["case"].endswith("/original"))
+    by_case = {r["case"]: r for r in results}
+    # The switches did what they say: the cache skips the ViT's FLOPs, label-only logits the LM head's.
+    per_pair = {c: by_case[c]["flops_per_step"] / by_case[c]["batch"] for c in by_case}
+    assert per_pair["stage1/ours_cached"] < per_pair["stage1/ours_vit"]
+    assert per_pair["stage2/ours"] < per_pair["stage2/original"]
+    assert not by_case["stage2/original"]["bf16"] and by_case["stage2/ours"]["label_logits_only"]
+
+
+def test_throughput_switches_turn_optimisations_off():
+    results = run_json_lines("benchmarks.throughput", "--tiny", "--device", "cpu", "--no-bf16", "--no-cache",
+                             "--no-label-logits-only", "--no-uint8", "--gradient-checkpointing",
+                             "--cases", "stage2/ours")
+    [ours] = results
+    assert ours["case"] == "stage2/ours" and ours["vision"] == "pixels" and not ours["bf16"]
+    assert not ours["label_logits_only"] and ours["gradient_checkpointing"]
+    assert "ratio_vs_original" not in ours  # its stage's original was not run
+    assert_finite_numbers(ours)
+
+
+def test_dataloading_smoke_on_cpu():
+    results = run_json_lines("benchmarks.dataloading", "--samples", "12", "--batch-size", "4", "--batches", "2",
+                             "--workers", "0,1", "--image-size", "32", "--source-size", "48")
+    assert len(results) == 8  # 2 stages x 2 pixel formats x 2 worker counts
+    for result in results:
+        assert_finite_numbers(result)
+        assert result["pairs"] == 8 and result["pairs_per_s_per_core"] > 0

@@ -1,0 +1,78 @@
+"""The YAML/CLI switches reach the real training scripts: a feature cache built by its command, then read by a
+stage-1 and a stage-2 run; uint8 pixels normalised in the Trainer."""
+
+import json
+import math
+
+import pytest
+
+from data.synthetic import generate_dataset
+from training import feature_cache, train_qformer, train_vlm
+from tests.helpers import REPO
+
+VISION = {"image_size": 32, "patch_size": 8, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+          "intermediate_size": 64}
+QFORMER = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
+           "cross_attention_frequency": 1, "max_position_embeddings": 64}
+LM = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+      "num_key_value_heads": 2}
+
+
+def cli(fields: dict) -> list[str]:
+    args = []
+    for name, value in fields.items():
+        value = json.dumps(value) if isinstance(value, dict) else str(value).lower() if isinstance(value, bool) else value
+        args += [f"--{name}", str(value)]
+    return args
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shards")
+    generate_dataset(out, {"train": 24, "validation": 8}, seed=3, samples_per_shard=16, num_proc=1)
+    return out
+
+
+def stage1(shards, out, **overrides) -> list[str]:
+    fields = {"train_data": shards, "eval_data": shards, "output_dir": out, "vision_config": VISION,
+              "qformer_config": QFORMER, "num_query_tokens": 4, "embed_dim": 32, "text_vocab_size": 300,
+              "freeze_vision": True, "hard_negatives": 0, "per_device_train_batch_size": 8,
+              "per_device_eval_batch_size": 8, "max_eval_samples": 8, "max_steps": 2, "warmup_steps": 0,
+              "logging_steps": 1, "disable_tqdm": True, **overrides}
+    return [str(REPO / "configs/tiny/stage1.yaml"), *cli(fields)]
+
+
+def stage2(shards, qformer, out, **overrides) -> list[str]:
+    fields = {"train_data": shards, "eval_data": shards, "output_dir": out, "qformer_name_or_path": qformer,
+              "lm_config": LM, "lm_vocab_size": 300, "qa_turns": 1, "per_device_train_batch_size": 8,
+              "per_device_eval_batch_size": 8, "max_eval_samples": 4, "max_steps": 2, "warmup_steps": 0,
+              "logging_steps": 1, "disable_tqdm": True, **overrides}
+    return [str(REPO / "configs/tiny/stage2.yaml"), *cli(fields)]
+
+
+def test_feature_cache_and_uint8_pixels_from_the_config(shards, tmp_path):
+    """Same seed, same data: the switched runs end with the plain run's losses (the cache stores bf16 features)."""
+    plain = train_qformer.main(stage1(shards, tmp_path / "q"))
+    uint8 = train_qformer.main(stage1(shards, tmp_path / "q8", pixel_format="uint8"))
+    cache = tmp_path / "cache"
+    built = feature_cache.main(["qformer", *stage1(shards, tmp_path / "unused", feature_cache=cache)])
+    assert len(built) == 32  # train and validation images
+    cached = train_qformer.main(stage1(shards, tmp_path / "qc", feature_cache=cache))
+    for name in ("train_loss", "eval_loss", "eval_t2i_r1"):
+        assert math.isfinite(plain[name])
+        assert uint8[name] == pytest.approx(plain[name], rel=1e-5), name
+        assert cached[name] == pytest.approx(plain[name], rel=2e-2, abs=1e-3), name
+
+    # Stage 2 on the stage-1 folder: its encoder is the one the cache was built from, so the same cache serves.
+    plain = train_vlm.main(stage2(shards, tmp_path / "q", tmp_path / "v"))
+    cached = train_vlm.main(stage2(shards, tmp_path / "q", tmp_path / "vc", feature_cache=cache))
+    for name in ("train_loss", "eval_loss"):
+        assert cached[name] == pytest.approx(plain[name], rel=2e-2), name
+
+
+def test_a_cache_of_another_encoder_is_refused(shards, tmp_path):
+    cache = tmp_path / "cache"
+    feature_cache.main(["qformer", *stage1(shards, tmp_path / "unused", feature_cache=cache)])
+    other_vision = {**VISION, "layer_norm_eps": 1e-6}
+    with pytest.raises(FileNotFoundError, match="built for another encoder"):
+        train_qformer.main(stage1(shards, tmp_path / "q", feature_cache=cache, vision_config=other_vision))
