@@ -72,7 +72,9 @@ class QFormerConfig(PreTrainedConfig):
             raise ValueError(f"itc_similarity must be 'max' or 'mean', got {self.itc_similarity!r}")
         # The query transformer's cross-attention reads the vision encoder's features, and the contrastive
         # text path needs BERT-style text embeddings: both follow from the rest of the config.
-        self.qformer_config.encoder_hidden_size = self.vision_config.hidden_size
+        vision = self.vision_config
+        # Transformers name their width hidden_size; convolutional encoders list one width per stage.
+        self.qformer_config.encoder_hidden_size = getattr(vision, "hidden_size", None) or vision.hidden_sizes[-1]
         self.qformer_config.use_qformer_text_input = True
 
 

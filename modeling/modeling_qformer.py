@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, PreTrainedModel
@@ -89,6 +90,22 @@ def map_bert_state_dict(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, 
         for target in targets:
             mapped[f"{target}.{leaf}"] = tensor
     return mapped, unmapped
+
+
+def sincos_positions_2d(height: int, width: int, dim: int) -> torch.Tensor:
+    """Fixed 2-D sine-cosine position codes for a `height x width` grid: `(height * width, dim)`.
+
+    Half of the channels encode the row, half the column, each as sines and cosines of geometric frequencies.
+    """
+    if dim % 4:
+        raise ValueError(f"2-D position codes need a channel count divisible by 4, got {dim}")
+    quarter = dim // 4
+    frequencies = 1.0 / (10000 ** (torch.arange(quarter, dtype=torch.float32) / quarter))
+    rows = torch.arange(height, dtype=torch.float32)[:, None] * frequencies
+    cols = torch.arange(width, dtype=torch.float32)[:, None] * frequencies
+    row_codes = torch.cat([rows.sin(), rows.cos()], dim=1)[:, None, :].expand(height, width, 2 * quarter)
+    col_codes = torch.cat([cols.sin(), cols.cos()], dim=1)[None, :, :].expand(height, width, 2 * quarter)
+    return torch.cat([row_codes, col_codes], dim=-1).reshape(height * width, dim)
 
 
 def ship_code_with_weights(model: PreTrainedModel, auto_classes: tuple[str, ...]) -> None:
@@ -175,8 +192,9 @@ class QFormerModel(QFormerPreTrainedModel):
         super().__init__(config)
         qcfg = config.qformer_config
         self.vision_model = AutoModel.from_config(config.vision_config)
-        if getattr(self.vision_model, "pooler", None) is not None:
-            # The pooled output is never read; an unused trainable layer would also trip DDP's unused-parameter check.
+        pooler = getattr(self.vision_model, "pooler", None)
+        if pooler is not None and any(True for _ in pooler.parameters()):
+            # A pooled output is never read; an unused trainable layer would also trip DDP's unused-parameter check.
             self.vision_model.pooler = None
         self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, qcfg.hidden_size))
         self.embeddings = Blip2TextEmbeddings(qcfg)
@@ -255,12 +273,20 @@ class QFormerModel(QFormerPreTrainedModel):
         self.embeddings.word_embeddings = value
 
     def get_vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Patch features of the vision encoder: `(B, 3, H, W)` -> `(B, num_patches (+1), vision_hidden)`."""
-        if self.config.freeze_vision:
-            # A frozen encoder needs no activations kept for backward.
-            with torch.no_grad():
-                return self.vision_model(pixel_values=pixel_values).last_hidden_state
-        return self.vision_model(pixel_values=pixel_values).last_hidden_state
+        """Patch features of the vision encoder: `(B, 3, H, W)` -> `(B, num_patches (+1), vision_hidden)`.
+
+        Convolutional encoders (ResNet, ConvNeXt, ...) give a `(B, C, h, w)` feature map: it becomes `h * w` tokens
+        with a fixed 2-D sine-cosine position code added, since cross-attention itself does not know where a
+        token came from.
+        """
+        # A frozen encoder needs no activations kept for backward.
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_vision):
+            features = self.vision_model(pixel_values=pixel_values).last_hidden_state
+        if features.dim() == 4:
+            features = features.flatten(2).transpose(1, 2) + sincos_positions_2d(
+                features.shape[2], features.shape[3], features.shape[1]
+            ).to(features)
+        return features
 
     def get_query_outputs(
         self, pixel_values: torch.Tensor | None = None, vision_features: torch.Tensor | None = None
@@ -404,6 +430,7 @@ class QFormerModel(QFormerPreTrainedModel):
         """BLIP-2's image-text matching: each pair, plus a hard negative caption per image and a hard negative image
         per caption, drawn by similarity from the global batch (never a duplicate of the sample)."""
         neg_text, neg_image = sample_itm_negatives(sim_i2t.detach(), sim_t2i.detach(), group_ids)
+        input_ids, attention_mask = self._pad_to_global_length(input_ids, attention_mask)
         all_features = gather_with_grad(vision_features)
         all_ids, all_mask = gather_with_grad(input_ids), gather_with_grad(attention_mask)
         features = torch.cat([vision_features, vision_features, all_features[neg_image]])
@@ -412,6 +439,17 @@ class QFormerModel(QFormerPreTrainedModel):
         batch = input_ids.shape[0]
         labels = torch.cat([input_ids.new_ones(batch), input_ids.new_zeros(2 * batch)])
         return itm_loss(self.match(ids, mask, vision_features=features), labels)
+
+    def _pad_to_global_length(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        """Pads captions to the longest length of any process, so they can be gathered (batches are padded to
+        their own longest caption)."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return input_ids, attention_mask
+        length = torch.tensor([input_ids.shape[1]], device=input_ids.device)
+        dist.all_reduce(length, op=dist.ReduceOp.MAX)
+        extra = int(length) - input_ids.shape[1]
+        pad_id = self.config.qformer_config.pad_token_id or 0
+        return F.pad(input_ids, (0, extra), value=pad_id), F.pad(attention_mask, (0, extra), value=0)
 
 
 __all__ = ["QFormerModel", "QFormerPreTrainedModel", "QFormerModelOutput", "map_bert_state_dict", "ship_code_with_weights"]

@@ -13,6 +13,7 @@ the same architectures saved to local folders.
 from collections.abc import Iterable
 
 from transformers import (
+    AutoConfig,
     AutoImageProcessor,
     AutoModel,
     AutoModelForCausalLM,
@@ -91,16 +92,25 @@ def build_tiny_qformer(
 ) -> tuple[QFormerModel, BlipProcessor]:
     """A randomly initialised Q-Former with a WordPiece tokenizer trained on `corpus` (the training captions).
 
-    `vision`/`qformer` override `TINY_VISION`/`TINY_QFORMER`; `config_kwargs` go to `QFormerConfig`
+    `vision`/`qformer` override `TINY_VISION`/`TINY_QFORMER` (`vision={"model_type": "resnet", "image_size": 64, ...}`
+    picks another encoder, e.g. a small ResNet); `config_kwargs` go to `QFormerConfig`
     (num_query_tokens, embed_dim, freeze_vision, itc_similarity, temperature).
     """
     tokenizer = train_wordpiece_tokenizer(corpus, vocab_size=text_vocab_size)
-    vision_config = ViTConfig(**{**TINY_VISION, **(vision or {})})
+    vision = dict(vision or {})
+    model_type = vision.pop("model_type", "vit")
+    if model_type == "vit":
+        vision_config = ViTConfig(**{**TINY_VISION, **vision})
+        image_size = vision_config.image_size
+    else:
+        # A convolutional encoder has no image size in its config: the processor's resolution is given beside it.
+        image_size = vision.pop("image_size", TINY_VISION["image_size"])
+        vision_config = AutoConfig.for_model(model_type, **vision)
     qformer_config = {**TINY_QFORMER, **(qformer or {}), "vocab_size": len(tokenizer)}
     qformer_config["pad_token_id"] = tokenizer.pad_token_id
     config_kwargs.setdefault("freeze_vision", False)
     config = QFormerConfig(vision_config=vision_config, qformer_config=qformer_config, **config_kwargs)
-    processor = BlipProcessor(tiny_image_processor(vision_config.image_size), tokenizer)
+    processor = BlipProcessor(tiny_image_processor(image_size), tokenizer)
     return QFormerModel(config), processor
 
 

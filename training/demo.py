@@ -94,10 +94,9 @@ def save_untrained(out: Path, data: Path, seed: int, stage1_config: str, stage2_
 
 def evaluate_pair(qformer: Path, vlm: Path, data: Path, out: Path, max_samples: int | None, histories=None):
     """Stage-1 retrieval and stage-2 captioning/VQA/scene checks on the validation split."""
-    stage1, _ = evaluate_model(str(qformer), str(data), out / "qformer", split="validation", max_samples=max_samples,
-                               meteor=False)
-    stage2, _ = evaluate_model(str(vlm), str(data), out / "vlm", split="validation", max_samples=max_samples,
-                               meteor=False, log_histories=histories)
+    common = {"split": "validation", "max_samples": max_samples, "meteor": False, "batch_size": 64}
+    stage1, _ = evaluate_model(str(qformer), str(data), out / "qformer", **common)
+    stage2, _ = evaluate_model(str(vlm), str(data), out / "vlm", log_histories=histories, **common)
     return stage1_scores(stage1), stage2_scores(stage2)
 
 

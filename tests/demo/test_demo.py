@@ -18,9 +18,9 @@ STAGE2 = ["bleu_4", "cider", "cider_shuffled", "vqa_accuracy", "vqa_accuracy_by_
 @pytest.fixture(scope="module")
 def demo_out(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    cmd = [sys.executable, "-m", "training.demo", "--out", str(out), "--train", "600", "--validation", "100",
-           "--stage1-steps", "60", "--stage2-steps", "40", "--extra", "--per_device_train_batch_size", "32",
-           "--logging_steps", "10"]
+    cmd = [sys.executable, "-m", "training.demo", "--out", str(out), "--train", "400", "--validation", "48",
+           "--stage1-steps", "40", "--stage2-steps", "30", "--extra", "--per_device_train_batch_size", "32",
+           "--logging_steps", "10", "--max_eval_samples", "48"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, proc.stdout
@@ -50,7 +50,7 @@ def test_metrics_json_has_every_key(demo_out):
             value = block["stage1"].get(key, block["stage2"].get(key))
             assert 0.0 <= value <= 1.0, key
         assert {"color", "count"} <= set(block["stage2"]["vqa_accuracy_by_type"])
-    assert metrics["samples"] == {"train": 600, "validation": 100}
+    assert metrics["samples"] == {"train": 400, "validation": 48}
     assert metrics["wall_seconds"] > 0 and "cpu" in metrics["device"]
 
 
