@@ -16,13 +16,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import evaluate
-import matplotlib
+from PIL import Image
 
-matplotlib.use("Agg")  # files only; no display on training machines
-import matplotlib.pyplot as plt  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from .generation import generate_texts  # noqa: E402
+from .figures import plt, save_figure
+from .generation import generate_texts
 
 CAPTION_PROMPT = "Describe the image."
 METRIC_PATH = Path(__file__).resolve().parent / "metrics" / "coco_caption"
@@ -108,11 +105,7 @@ def caption_gallery(
         below = textwrap.fill(f"reference: {ref}", 44, max_lines=5, placeholder=" ...")
         ax.text(0.5, 1.03, above, transform=ax.transAxes, ha="center", va="bottom", fontsize=8, color="tab:blue")
         ax.text(0.5, -0.03, below, transform=ax.transAxes, ha="center", va="top", fontsize=8, color="dimgray")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def evaluate_captioning(

@@ -11,10 +11,8 @@ from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 
-import matplotlib
+from .figures import plt, save_figure
 
-matplotlib.use("Agg")  # files only; no display on training machines
-import matplotlib.pyplot as plt  # noqa: E402
 
 _CAPTION_COLUMNS = [("bleu_1", "BLEU-1"), ("bleu_2", "BLEU-2"), ("bleu_3", "BLEU-3"), ("bleu_4", "BLEU-4"),
                     ("meteor", "METEOR"), ("rouge_l", "ROUGE-L"), ("cider", "CIDEr-D")]
@@ -150,11 +148,7 @@ def plot_training_curves(log_histories: Mapping[str, list[dict]], path: str | Pa
         if handles:
             ax.legend(*zip(*handles), fontsize=7)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _finite(value) -> bool:

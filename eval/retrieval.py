@@ -16,15 +16,13 @@ import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import torch
+from matplotlib.patches import Rectangle
+from PIL import Image
+from tqdm.auto import tqdm
 
-matplotlib.use("Agg")  # files only; no display on training machines
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from matplotlib.patches import Rectangle  # noqa: E402
-from PIL import Image  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
+from .figures import plt, save_figure
 
 RECALL_AT = (1, 5, 10)
 
@@ -235,11 +233,7 @@ def similarity_grid(
     grid.set_xlabel("image")
     fig.colorbar(cell, cax=bar, label="cosine")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def evaluate_retrieval(
