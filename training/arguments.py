@@ -100,6 +100,16 @@ class DataArguments:
     )
     qa_turns: int = field(default=3, metadata={"help": "Stage 2: question-answer turns per image after the caption."})
     streaming: bool = False
+    pixel_format: str = field(
+        default="float",
+        metadata={"help": "'uint8': the loader sends uint8 pixels, normalised on the GPU (4x fewer bytes to move); "
+                          "'float': the image processor's float output."},
+    )
+    feature_cache: str | None = field(
+        default=None,
+        metadata={"help": "Folder of precomputed frozen-vision features (python -m training.feature_cache); the "
+                          "vision encoder is not run in training. Needs freeze_vision."},
+    )
 
 
 def _as_dict(value: dict | str | None) -> dict:

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .device_normalize import pixel_batch
+
 # Varied captioning instructions, so the model learns the task rather than one prompt string.
 CAPTION_INSTRUCTIONS = (
     "Describe the image.",
@@ -37,11 +39,14 @@ class ContrastiveCollator:
         hard_negatives: how many counterfactual captions per image to add (`negative_input_ids`,
             `(B * hard_negatives, L)`); rows with fewer cycle through theirs. A row with none is an error, because
             any stand-in caption could be a false negative.
+        pixel_format: "float" (the image processor's output), "uint8" (normalised on the device by
+            `DeviceNormalizeMixin`) or "none" (a feature cache supplies `vision_features`).
     """
 
     processor: object
     max_length: int = 48
     hard_negatives: int = 0
+    pixel_format: str = "float"
 
     def __call__(self, rows: Sequence[dict]) -> dict[str, torch.Tensor]:
         tokenizer = self.processor.tokenizer
@@ -53,9 +58,7 @@ class ContrastiveCollator:
             return_tensors="pt",
         )
         batch = {
-            "pixel_values": self.processor.image_processor([row["image"] for row in rows], return_tensors="pt")[
-                "pixel_values"
-            ],
+            **pixel_batch(self.processor.image_processor, [row["image"] for row in rows], self.pixel_format),
             "input_ids": text["input_ids"],
             "attention_mask": text["attention_mask"],
             "group_ids": torch.tensor([stable_hash(row["group_id"]) for row in rows], dtype=torch.long),
@@ -98,6 +101,7 @@ class CaptioningCollator:
         qa_turns: question-answer turns after the caption (0: captions only).
         with_caption: include the captioning turn.
         seed: varies the instruction choice between runs, never between processes or resumptions.
+        pixel_format: as in `ContrastiveCollator`.
     """
 
     processor: object
@@ -106,6 +110,7 @@ class CaptioningCollator:
     with_caption: bool = True
     seed: int = 0
     instructions: Sequence[str] = field(default=CAPTION_INSTRUCTIONS)
+    pixel_format: str = "float"
 
     def conversation(self, row: dict) -> list[tuple[str, str]]:
         """The (user text, assistant answer) turns for one sample."""
@@ -171,11 +176,10 @@ class CaptioningCollator:
             for start, end in spans:
                 inside = (starts >= start) & (ends <= end) & (ends > starts)
                 labels[i, inside] = encoded["input_ids"][i, inside]
-        pixel_values = self.processor.image_processor([row["image"] for row in rows], return_tensors="pt")
         return {
             "input_ids": encoded["input_ids"],
             "attention_mask": encoded["attention_mask"],
-            "pixel_values": pixel_values["pixel_values"],
+            **pixel_batch(self.processor.image_processor, [row["image"] for row in rows], self.pixel_format),
             "labels": labels,
         }
 

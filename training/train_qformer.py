@@ -23,6 +23,8 @@ from .checkpoints import resolve_resume_checkpoint
 from .collators import ContrastiveCollator
 from .losses import query_text_similarity
 from .data_setup import load_splits, text_corpus
+from .device_normalize import DeviceNormalizeMixin
+from .feature_cache import with_feature_cache
 from .model_card import ModelCardTrainerMixin
 from .trainer import ParamGroupTrainer
 
@@ -36,7 +38,7 @@ PRETRAINED_WEIGHTS = (
 )
 
 
-class QFormerTrainer(ModelCardTrainerMixin, ParamGroupTrainer):
+class QFormerTrainer(DeviceNormalizeMixin, ModelCardTrainerMixin, ParamGroupTrainer):
     """Evaluation returns each sample's image and caption embeddings, so retrieval can rank the whole split."""
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -93,15 +95,10 @@ def build_model(model_args: QFormerModelArguments, corpus: list[str], resume_fro
     return model, processor
 
 
-def main(argv: list[str] | None = None) -> dict:
-    model_args, data_args, training_args = parse_args((QFormerModelArguments, DataArguments, TrainingArguments), argv)
-    logging.basicConfig(
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        level=logging.INFO if training_args.should_log else logging.WARNING,
-        handlers=[logging.StreamHandler(sys.stdout)],
-    )
-    transformers.utils.logging.set_verbosity(logging.WARNING)
-    set_seed(training_args.seed)
+def build_trainer(
+    model_args: QFormerModelArguments, data_args: DataArguments, training_args: TrainingArguments
+) -> tuple[QFormerTrainer, str | None]:
+    """The stage-1 Trainer exactly as `main` runs it, and the checkpoint it resumes from (tests inspect both)."""
     # The collator's group ids are the labels evaluation needs; everything else is in the batch dict.
     training_args.remove_unused_columns = False
     training_args.label_names = ["group_ids"]
@@ -115,16 +112,35 @@ def main(argv: list[str] | None = None) -> dict:
 
     pretrained = bool(model_args.vision_model_name_or_path and model_args.text_model_name_or_path)
     lr_rules = [(PRETRAINED_WEIGHTS, training_args.learning_rate * model_args.pretrained_lr_ratio)] if pretrained else []
+    collator = ContrastiveCollator(processor, data_args.max_caption_length, data_args.hard_negatives,
+                                   pixel_format=data_args.pixel_format)
+    if data_args.feature_cache:
+        collator, train_dataset, eval_dataset = with_feature_cache(
+            collator, (train_dataset, eval_dataset), data_args.feature_cache, model, processor.image_processor,
+            training_args.bf16)
     trainer = QFormerTrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        data_collator=ContrastiveCollator(processor, data_args.max_caption_length, data_args.hard_negatives),
+        data_collator=collator,
         processing_class=processor,
         compute_metrics=retrieval_compute_metrics(model.config.itc_similarity),
         param_group_lrs=lr_rules,
     )
+    return trainer, resume_from
+
+
+def main(argv: list[str] | None = None) -> dict:
+    model_args, data_args, training_args = parse_args((QFormerModelArguments, DataArguments, TrainingArguments), argv)
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=logging.INFO if training_args.should_log else logging.WARNING,
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    transformers.utils.logging.set_verbosity(logging.WARNING)
+    set_seed(training_args.seed)
+    trainer, resume_from = build_trainer(model_args, data_args, training_args)
 
     metrics = {}
     if training_args.do_train:

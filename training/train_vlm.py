@@ -25,6 +25,8 @@ from .arguments import DataArguments, VLMModelArguments, parse_args
 from .checkpoints import resolve_resume_checkpoint
 from .collators import CAPTION_INSTRUCTIONS, CaptioningCollator
 from .data_setup import load_splits, text_corpus
+from .device_normalize import DeviceNormalizeMixin
+from .feature_cache import with_feature_cache
 from .model_card import ModelCardTrainerMixin
 from .trainer import ParamGroupTrainer
 
@@ -34,7 +36,7 @@ logger = logging.getLogger(__name__)
 QFORMER_WEIGHTS = r"(^|\.)qformer\."
 
 
-class VLMTrainer(ModelCardTrainerMixin, ParamGroupTrainer):
+class VLMTrainer(DeviceNormalizeMixin, ModelCardTrainerMixin, ParamGroupTrainer):
     pass
 
 
@@ -118,15 +120,10 @@ def save_outputs(trainer: VLMTrainer, processor, output_dir: str) -> None:
     processor.save_pretrained(output_dir)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    model_args, data_args, training_args = parse_args((VLMModelArguments, DataArguments, TrainingArguments), argv)
-    logging.basicConfig(
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        level=logging.INFO if training_args.should_log else logging.WARNING,
-        handlers=[logging.StreamHandler(sys.stdout)],
-    )
-    transformers.utils.logging.set_verbosity(logging.WARNING)
-    set_seed(training_args.seed)
+def build_trainer(
+    model_args: VLMModelArguments, data_args: DataArguments, training_args: TrainingArguments
+) -> tuple[VLMTrainer, str | None]:
+    """The stage-2 Trainer exactly as `main` runs it, and the checkpoint it resumes from (tests inspect both)."""
     training_args.remove_unused_columns = False
     training_args.label_names = ["labels"]
 
@@ -138,18 +135,37 @@ def main(argv: list[str] | None = None) -> dict:
                 sum(p.numel() for p in model.parameters()) / 1e6, trainable / 1e6)
 
     collator = CaptioningCollator(processor, max_length=data_args.max_length, qa_turns=data_args.qa_turns,
-                                  seed=training_args.seed)
+                                  seed=training_args.seed, pixel_format=data_args.pixel_format)
+    trainer_eval_dataset = eval_dataset  # the sample-captions callback below keeps the decoded images
+    if data_args.feature_cache:
+        collator, train_dataset, trainer_eval_dataset = with_feature_cache(
+            collator, (train_dataset, eval_dataset), data_args.feature_cache, model, processor.image_processor,
+            training_args.bf16)
     trainer = VLMTrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
+        eval_dataset=trainer_eval_dataset,
         data_collator=collator,
         processing_class=processor,
         param_group_lrs=[(QFORMER_WEIGHTS, model_args.qformer_learning_rate)],
     )
     sample_rows = [eval_dataset[i] for i in range(min(4, len(eval_dataset)))]
     trainer.add_callback(SampleCaptionsCallback(trainer, sample_rows, processor))
+    return trainer, resume_from
+
+
+def main(argv: list[str] | None = None) -> dict:
+    model_args, data_args, training_args = parse_args((VLMModelArguments, DataArguments, TrainingArguments), argv)
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=logging.INFO if training_args.should_log else logging.WARNING,
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    transformers.utils.logging.set_verbosity(logging.WARNING)
+    set_seed(training_args.seed)
+    trainer, resume_from = build_trainer(model_args, data_args, training_args)
+    processor = trainer.processing_class
 
     metrics = {}
     if training_args.do_train:

@@ -1,10 +1,13 @@
 """The Trainer subclass both stages share: parameter groups with their own learning rates."""
 
+import copy
 import logging
+import os
 import re
 from collections.abc import Sequence
 
-from transformers import Trainer
+from transformers import PreTrainedModel, Trainer
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -46,3 +49,29 @@ class ParamGroupTrainer(Trainer):
         optimizer_kwargs.pop("lr", None)
         self.optimizer = optimizer_cls(param_groups, lr=self.args.learning_rate, **optimizer_kwargs)
         return self.optimizer
+
+    # transformers 5 saves weights under their original (legacy) names, e.g. a ViT's `encoder.layer.0.attention.
+    # attention.query`, while the live modules use new ones (`layers.0.attention.q_proj`); `from_pretrained` maps
+    # them back, but the Trainer's resume and best-model loads call `load_state_dict(strict=False)` on the raw file,
+    # so those weights were silently left as initialised and a resumed run drifted from an uninterrupted one. For a
+    # plain PreTrainedModel we load through `from_pretrained` instead; peft, FSDP and DeepSpeed keep their own paths.
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        if not self._load_converted_weights(resume_from_checkpoint, self.model if model is None else model):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_best_model(self):
+        if not self._load_converted_weights(self.state.best_model_checkpoint, self.model):
+            super()._load_best_model()
+
+    def _load_converted_weights(self, folder: str, model) -> bool:
+        """Loads `folder`'s weights into `model` with the names mapped as `from_pretrained` does; False if not ours."""
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled or not isinstance(model, PreTrainedModel):
+            return False
+        if not any(os.path.isfile(os.path.join(folder, n)) for n in (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME)):
+            return False
+        logger.info("loading weights from %s (with transformers' key conversion)", folder)
+        config = copy.deepcopy(model.config)  # from_pretrained may adjust the config it is given
+        loaded = type(model).from_pretrained(folder, config=config, dtype=next(model.parameters()).dtype)
+        # strict: a weight the file does not hold is an error here, never a silently kept initial value.
+        model.load_state_dict(loaded.state_dict(), strict=True)
+        return True

@@ -1,0 +1,73 @@
+"""Stage-2 labels: on real shapes rows, only the answers (each closed by the end-of-turn token) carry loss."""
+
+import pytest
+import torch
+
+from data.loading import load_image_text_dataset
+from modeling.presets import build_vlm
+from tests.conftest import tiny_qformer_and_processor
+from tests.helpers import TINY_LM
+from training.collators import CaptioningCollator
+from training.data_setup import text_corpus
+
+NUM_ROWS = 6
+
+
+@pytest.fixture(scope="module")
+def rows_and_processor(shapes_data):
+    dataset = load_image_text_dataset(str(shapes_data), split="train")
+    qformer, qformer_processor = tiny_qformer_and_processor()
+    _, processor = build_vlm(qformer, qformer_processor, corpus=text_corpus(dataset), lm=TINY_LM, lm_vocab_size=300)
+    return [dataset[i] for i in range(NUM_ROWS)], processor
+
+
+def labelled_runs(labels: torch.Tensor, input_ids: torch.Tensor) -> list[list[int]]:
+    """The token ids of each maximal run of positions whose label is not -100."""
+    runs, current = [], []
+    for label, token in zip(labels.tolist(), input_ids.tolist()):
+        if label == -100:
+            if current:
+                runs.append(current)
+            current = []
+        else:
+            assert label == token, "a labelled position must predict its own input token"
+            current.append(token)
+    return runs + ([current] if current else [])
+
+
+@pytest.mark.parametrize("qa_turns", [1, 20])
+def test_only_answer_tokens_carry_loss(rows_and_processor, qa_turns):
+    rows, processor = rows_and_processor
+    end = processor.tokenizer.eos_token
+    batch = CaptioningCollator(processor, max_length=512, qa_turns=qa_turns)(rows)
+
+    for i, row in enumerate(rows):
+        runs = [processor.tokenizer.decode(run) for run in labelled_runs(batch["labels"][i], batch["input_ids"][i])]
+        caption, answers = row["caption"] + end, [pair["answer"] + end for pair in row["qa"]]
+        # The turns are drawn and ordered per sample (the caption turn may come anywhere): compare as multisets.
+        assert len(runs) == 1 + min(qa_turns, len(answers)), f"row {i}: labelled spans {runs}"
+        assert caption in runs, f"row {i}: the caption is not a labelled span: {runs}"
+        others = list(runs)
+        others.remove(caption)
+        if qa_turns >= len(answers):
+            assert sorted(others) == sorted(answers)
+        else:
+            assert all(run in answers for run in others), f"row {i}: {others} are not answers of {answers}"
+
+    # Training pads on the right, and padding, like prompts and image tokens, carries no loss.
+    mask = batch["attention_mask"]
+    assert bool((mask.cummin(dim=1).values == mask).all()), "padding is not on the right"
+    assert bool((batch["labels"][mask == 0] == -100).all())
+    assert bool((batch["labels"][batch["input_ids"] == processor.image_token_id] == -100).all())
+
+
+def test_the_same_sample_gets_the_same_conversation_in_any_batch(rows_and_processor):
+    """Resumed and multi-process runs see each sample in a different batch; its instruction and turns must not
+    depend on that."""
+    rows, processor = rows_and_processor
+    collator = CaptioningCollator(processor, max_length=512, qa_turns=2)
+    together = collator(rows)
+    alone = collator(rows[3:4])
+    length = int(alone["attention_mask"].sum())
+    assert torch.equal(together["input_ids"][3, :length], alone["input_ids"][0, :length])
+    assert torch.equal(together["labels"][3, :length], alone["labels"][0, :length])
