@@ -8,10 +8,8 @@ Evaluation reports retrieval Recall@1/5/10 both ways on the evaluation split; ch
 """
 
 import logging
-import sys
 
 import torch
-import transformers
 from transformers import EvalPrediction, TrainingArguments, set_seed
 
 import modeling  # noqa: F401  (registers the models with the Auto classes and for code shipping)
@@ -21,11 +19,12 @@ from modeling.presets import build_pretrained_qformer, build_tiny_qformer, load_
 from .arguments import DataArguments, QFormerModelArguments, parse_args
 from .checkpoints import resolve_resume_checkpoint
 from .collators import ContrastiveCollator
-from .losses import query_text_similarity
 from .data_setup import load_splits, text_corpus
 from .device_normalize import DeviceNormalizeMixin
 from .feature_cache import with_feature_cache
+from .losses import query_text_similarity
 from .model_card import ModelCardTrainerMixin
+from .stage_runner import configure_logging, run_stage
 from .trainer import ParamGroupTrainer
 
 logger = logging.getLogger(__name__)
@@ -133,36 +132,12 @@ def build_trainer(
 
 def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, training_args = parse_args((QFormerModelArguments, DataArguments, TrainingArguments), argv)
-    logging.basicConfig(
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        level=logging.INFO if training_args.should_log else logging.WARNING,
-        handlers=[logging.StreamHandler(sys.stdout)],
-    )
-    transformers.utils.logging.set_verbosity(logging.WARNING)
+    configure_logging(training_args)
     set_seed(training_args.seed)
     trainer, resume_from = build_trainer(model_args, data_args, training_args)
-
-    metrics = {}
-    if training_args.do_train:
-        result = trainer.train(resume_from_checkpoint=resume_from)
-        trainer.save_model()
-        trainer.save_state()
-        metrics.update(result.metrics)
-        trainer.log_metrics("train", result.metrics)
-        trainer.save_metrics("train", result.metrics)
-    if training_args.do_eval:
-        eval_metrics = trainer.evaluate()
-        metrics.update(eval_metrics)
-        trainer.log_metrics("eval", eval_metrics)
-        trainer.save_metrics("eval", eval_metrics)
-
     card = {"finetuned_from": model_args.text_model_name_or_path, "tasks": "image-text retrieval",
             "dataset": data_args.train_data}
-    if training_args.push_to_hub:
-        trainer.push_to_hub(**card)
-    elif trainer.is_world_process_zero():
-        trainer.create_model_card(**card)
-    return metrics
+    return run_stage(trainer, training_args, resume_from, trainer.save_model, card)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ with LoRA, the peft adapter in `adapter/`.
 """
 
 import logging
-import sys
 from pathlib import Path
 
 import torch
@@ -28,6 +27,7 @@ from .data_setup import load_splits, text_corpus
 from .device_normalize import DeviceNormalizeMixin
 from .feature_cache import with_feature_cache
 from .model_card import ModelCardTrainerMixin
+from .stage_runner import configure_logging, run_stage
 from .trainer import ParamGroupTrainer
 
 logger = logging.getLogger(__name__)
@@ -110,7 +110,10 @@ def build_model(model_args: VLMModelArguments, corpus: list[str], resume_from: s
 
 
 def save_outputs(trainer: VLMTrainer, processor, output_dir: str) -> None:
-    """Writes the merged model and processor to `output_dir` and, with LoRA, the peft adapter to `adapter/`."""
+    """Writes the merged model and processor to `output_dir` and, with LoRA, the peft adapter to `adapter/` (on the
+    main process)."""
+    if not trainer.is_world_process_zero():
+        return
     model = trainer.accelerator.unwrap_model(trainer.model)
     if hasattr(model, "merge_and_unload"):
         model.save_pretrained(Path(output_dir) / "adapter")
@@ -157,37 +160,13 @@ def build_trainer(
 
 def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, training_args = parse_args((VLMModelArguments, DataArguments, TrainingArguments), argv)
-    logging.basicConfig(
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        level=logging.INFO if training_args.should_log else logging.WARNING,
-        handlers=[logging.StreamHandler(sys.stdout)],
-    )
-    transformers.utils.logging.set_verbosity(logging.WARNING)
+    configure_logging(training_args)
     set_seed(training_args.seed)
     trainer, resume_from = build_trainer(model_args, data_args, training_args)
-    processor = trainer.processing_class
-
-    metrics = {}
-    if training_args.do_train:
-        result = trainer.train(resume_from_checkpoint=resume_from)
-        trainer.save_state()
-        metrics.update(result.metrics)
-        trainer.log_metrics("train", result.metrics)
-        trainer.save_metrics("train", result.metrics)
-    if training_args.do_eval:
-        eval_metrics = trainer.evaluate()
-        metrics.update(eval_metrics)
-        trainer.log_metrics("eval", eval_metrics)
-        trainer.save_metrics("eval", eval_metrics)
-    if trainer.is_world_process_zero():
-        save_outputs(trainer, processor, training_args.output_dir)
     card = {"finetuned_from": model_args.language_model_name_or_path, "tasks": "image-text-to-text",
             "dataset": data_args.train_data}
-    if training_args.push_to_hub:
-        trainer.push_to_hub(**card)
-    elif trainer.is_world_process_zero():
-        trainer.create_model_card(**card)
-    return metrics
+    save = lambda: save_outputs(trainer, trainer.processing_class, training_args.output_dir)  # noqa: E731
+    return run_stage(trainer, training_args, resume_from, save, card)
 
 
 if __name__ == "__main__":
