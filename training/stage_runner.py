@@ -7,6 +7,12 @@ from collections.abc import Callable
 import transformers
 from transformers import Trainer, TrainingArguments
 
+from .arguments import DataArguments
+from .checkpoints import resolve_resume_checkpoint
+from .data_setup import load_splits, text_corpus
+
+logger = logging.getLogger(__name__)
+
 
 def configure_logging(training_args: TrainingArguments) -> None:
     """Readable logs on the main process, warnings only elsewhere; transformers' own chatter at warning level."""
@@ -16,6 +22,25 @@ def configure_logging(training_args: TrainingArguments) -> None:
         handlers=[logging.StreamHandler(sys.stdout)],
     )
     transformers.utils.logging.set_verbosity(logging.WARNING)
+
+
+def prepare_stage(model_args, data_args: DataArguments, training_args: TrainingArguments, label_names: list[str],
+                  build_model: Callable, stage: str):
+    """What both stages do before building their Trainer: the checkpoint to resume from, the splits, and the model
+    and processor (`build_model(model_args, corpus, resume_from)`, the corpus being the training texts).
+
+    The collators return dicts the models take as they are, and `label_names` are the keys evaluation needs.
+    Returns `(resume_from, train_dataset, eval_dataset, model, processor)`.
+    """
+    training_args.remove_unused_columns = False
+    training_args.label_names = label_names
+    resume_from = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+    train_dataset, eval_dataset = load_splits(data_args, training_args.seed)
+    model, processor = build_model(model_args, text_corpus(train_dataset), resume_from)
+    logger.info("%s model: %.2fM parameters, %.2fM trainable", stage,
+                sum(p.numel() for p in model.parameters()) / 1e6,
+                sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6)
+    return resume_from, train_dataset, eval_dataset, model, processor
 
 
 def run_stage(

@@ -17,14 +17,12 @@ from eval.retrieval import retrieval_metrics
 from modeling.presets import build_pretrained_qformer, build_tiny_qformer, load_qformer
 
 from .arguments import DataArguments, QFormerModelArguments, parse_args
-from .checkpoints import resolve_resume_checkpoint
 from .collators import ContrastiveCollator
-from .data_setup import load_splits, text_corpus
 from .device_normalize import DeviceNormalizeMixin
 from .feature_cache import with_feature_cache
 from .losses import query_text_similarity
 from .model_card import ModelCardTrainerMixin
-from .stage_runner import configure_logging, run_stage
+from .stage_runner import configure_logging, prepare_stage, run_stage
 from .trainer import ParamGroupTrainer
 
 logger = logging.getLogger(__name__)
@@ -98,16 +96,9 @@ def build_trainer(
     model_args: QFormerModelArguments, data_args: DataArguments, training_args: TrainingArguments
 ) -> tuple[QFormerTrainer, str | None]:
     """The stage-1 Trainer exactly as `main` runs it, and the checkpoint it resumes from (tests inspect both)."""
-    # The collator's group ids are the labels evaluation needs; everything else is in the batch dict.
-    training_args.remove_unused_columns = False
-    training_args.label_names = ["group_ids"]
-
-    resume_from = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
-    train_dataset, eval_dataset = load_splits(data_args, training_args.seed)
-    model, processor = build_model(model_args, text_corpus(train_dataset), resume_from)
-    logger.info("stage-1 model: %.2fM parameters, %.2fM trainable",
-                sum(p.numel() for p in model.parameters()) / 1e6,
-                sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6)
+    # The collator's group ids are the labels evaluation needs (retrieval credits duplicates by them).
+    resume_from, train_dataset, eval_dataset, model, processor = prepare_stage(
+        model_args, data_args, training_args, ["group_ids"], build_model, "stage-1")
 
     pretrained = bool(model_args.vision_model_name_or_path and model_args.text_model_name_or_path)
     lr_rules = [(PRETRAINED_WEIGHTS, training_args.learning_rate * model_args.pretrained_lr_ratio)] if pretrained else []

@@ -21,13 +21,11 @@ from modeling.modeling_vlm import VLMForConditionalGeneration, add_lora
 from modeling.presets import build_vlm, load_qformer
 
 from .arguments import DataArguments, VLMModelArguments, parse_args
-from .checkpoints import resolve_resume_checkpoint
 from .collators import CAPTION_INSTRUCTIONS, CaptioningCollator
-from .data_setup import load_splits, text_corpus
 from .device_normalize import DeviceNormalizeMixin
 from .feature_cache import with_feature_cache
 from .model_card import ModelCardTrainerMixin
-from .stage_runner import configure_logging, run_stage
+from .stage_runner import configure_logging, prepare_stage, run_stage
 from .trainer import ParamGroupTrainer
 
 logger = logging.getLogger(__name__)
@@ -127,15 +125,8 @@ def build_trainer(
     model_args: VLMModelArguments, data_args: DataArguments, training_args: TrainingArguments
 ) -> tuple[VLMTrainer, str | None]:
     """The stage-2 Trainer exactly as `main` runs it, and the checkpoint it resumes from (tests inspect both)."""
-    training_args.remove_unused_columns = False
-    training_args.label_names = ["labels"]
-
-    resume_from = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
-    train_dataset, eval_dataset = load_splits(data_args, training_args.seed)
-    model, processor = build_model(model_args, text_corpus(train_dataset), resume_from)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    logger.info("stage-2 model: %.2fM parameters, %.2fM trainable",
-                sum(p.numel() for p in model.parameters()) / 1e6, trainable / 1e6)
+    resume_from, train_dataset, eval_dataset, model, processor = prepare_stage(
+        model_args, data_args, training_args, ["labels"], build_model, "stage-2")
 
     collator = CaptioningCollator(processor, max_length=data_args.max_length, qa_turns=data_args.qa_turns,
                                   seed=training_args.seed, pixel_format=data_args.pixel_format)
