@@ -83,6 +83,10 @@ class ContrastiveCollator:
                 f"sample {row['key']!r} has no negative_captions but hard_negatives={self.hard_negatives}; "
                 "set hard_negatives: 0 for data without counterfactual captions"
             )
+        # A per-sample shuffle, not the first K: the generator lists the colour changes first, so taking the head
+        # of the list would almost never show the model a shape or position change. Seeded by the key, so resumed
+        # and multi-process runs draw the same ones.
+        random.Random(stable_hash(row["key"], "negatives")).shuffle(negatives)
         return (negatives * self.hard_negatives)[: self.hard_negatives]
 
 

@@ -1,5 +1,7 @@
 """Stage-2 labels: on real shapes rows, only the answers (each closed by the end-of-turn token) carry loss."""
 
+from collections import Counter
+
 import pytest
 import torch
 
@@ -7,7 +9,8 @@ from data.loading import load_image_text_dataset
 from modeling.presets import build_vlm
 from tests.conftest import tiny_qformer_and_processor
 from tests.helpers import TINY_LM
-from training.collators import CaptioningCollator
+from data.shapes import COLORS
+from training.collators import CaptioningCollator, ContrastiveCollator
 from training.data_setup import text_corpus
 
 NUM_ROWS = 6
@@ -71,3 +74,22 @@ def test_the_same_sample_gets_the_same_conversation_in_any_batch(rows_and_proces
     length = int(alone["attention_mask"].sum())
     assert torch.equal(together["input_ids"][3, :length], alone["input_ids"][0, :length])
     assert torch.equal(together["labels"][3, :length], alone["labels"][0, :length])
+
+
+def test_hard_negatives_cover_every_kind_of_change(shapes_data):
+    """The generator lists colour changes first; the collator must still show shape, size and position changes,
+    and pick the same ones for a sample wherever it lands."""
+    dataset = load_image_text_dataset(str(shapes_data), split="train")
+    rows = [dataset[i] for i in range(64)]
+    _, qformer_processor = tiny_qformer_and_processor()
+    collator = ContrastiveCollator(qformer_processor, max_length=32, hard_negatives=2)
+    kinds = Counter()
+    for row in rows:
+        chosen = collator._negatives_of(row)
+        assert len(chosen) == 2 and set(chosen) <= set(row["negative_captions"])
+        assert chosen == collator._negatives_of(dict(row))
+        changed = {a for a, b in zip(row["caption"].split(), chosen[0].split()) if a != b}
+        kinds["colour" if changed <= set(COLORS) else "other"] += 1
+    assert kinds["other"] >= 16, kinds
+    batch = collator(rows[:4])
+    assert batch["negative_input_ids"].shape == (8, 32)
