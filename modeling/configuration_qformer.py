@@ -38,6 +38,12 @@ class QFormerConfig(PreTrainedConfig):
             Initial softmax temperature of the contrastive loss (learned through its logarithm).
         itm_weight (`float`, defaults to 0.0):
             Weight of the image-text matching loss with hard negatives added to ITC (0 turns ITM off).
+        vision_position_codes (`bool`, defaults to `False`):
+            Add fixed 2-D sine-cosine position codes to a transformer encoder's patch tokens before the queries
+            read them. Cross-attention sees the tokens as a set: it knows where a token came from only through
+            what the encoder left of its position embedding in the token's content, and a small encoder trained
+            from scratch may leave too little (convolutional encoders always get the codes, having no position
+            embedding at all).
     """
 
     model_type = "qformer_vlm_qformer"
@@ -64,6 +70,7 @@ class QFormerConfig(PreTrainedConfig):
     itc_similarity: Literal["max", "mean"] = "max"
     temperature: float = 0.07
     itm_weight: float = 0.0
+    vision_position_codes: bool = False
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):

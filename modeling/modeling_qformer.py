@@ -286,7 +286,20 @@ class QFormerModel(QFormerPreTrainedModel):
             features = features.flatten(2).transpose(1, 2) + sincos_positions_2d(
                 features.shape[2], features.shape[3], features.shape[1]
             ).to(features)
+        elif self.config.vision_position_codes:
+            features = features + self._patch_position_codes(features.shape[1], features.shape[2]).to(features)
         return features
+
+    def _patch_position_codes(self, num_tokens: int, dim: int) -> torch.Tensor:
+        """2-D sine-cosine codes for a square grid of patch tokens, zeros for a leading class token if there is one."""
+        for prefix in (0, 1):
+            side = math.isqrt(num_tokens - prefix)
+            if side * side == num_tokens - prefix:
+                return torch.cat([torch.zeros(prefix, dim), sincos_positions_2d(side, side, dim)])
+        raise ValueError(
+            f"vision_position_codes needs a square grid of patch tokens (plus at most one class token), but the "
+            f"vision encoder returned {num_tokens} tokens; set vision_position_codes: false for this encoder"
+        )
 
     def get_query_outputs(
         self, pixel_values: torch.Tensor | None = None, vision_features: torch.Tensor | None = None

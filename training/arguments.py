@@ -43,6 +43,10 @@ class QFormerModelArguments:
         metadata={"help": "Learning-rate multiplier of weights initialised from pretrained checkpoints (text layers)."},
     )
     itm_weight: float = field(default=0.0, metadata={"help": "Weight of the image-text matching loss (0: off)."})
+    vision_position_codes: bool = field(
+        default=False,
+        metadata={"help": "Add fixed 2-D sine-cosine position codes to the patch tokens the queries read."},
+    )
 
     def __post_init__(self):
         self.vision_config = _as_dict(self.vision_config)

@@ -69,6 +69,7 @@ def build_model(model_args: QFormerModelArguments, corpus: list[str], resume_fro
         "itc_similarity": model_args.itc_similarity,
         "temperature": model_args.temperature,
         "itm_weight": model_args.itm_weight,
+        "vision_position_codes": model_args.vision_position_codes,
     }
     if model_args.model_name_or_path:
         return load_qformer(model_args.model_name_or_path)

@@ -1,6 +1,7 @@
 """A convolutional vision encoder (any AutoConfig) works in the Q-Former: its feature map becomes tokens that
-carry their grid position."""
+carry their grid position; a ViT's patch tokens get the same codes when the config asks."""
 
+import pytest
 import torch
 
 from modeling.modeling_qformer import sincos_positions_2d
@@ -28,3 +29,19 @@ def test_position_codes_are_distinct_per_cell():
     codes = sincos_positions_2d(3, 5, 16)
     assert codes.shape == (15, 16)
     assert torch.cdist(codes, codes).add(torch.eye(15)).min() > 0.1
+
+
+def test_vit_patch_tokens_get_position_codes_when_asked(shape_images):
+    model, processor = tiny_qformer_and_processor(vision_position_codes=True)
+    pixels = processor(images=shape_images, return_tensors="pt")["pixel_values"]
+    features = model.get_vision_features(pixels)
+    raw = model.vision_model(pixel_values=pixels).last_hidden_state
+    # 32 px / patch 8 (the tiny ViT default) -> a 4x4 grid after the class token, which gets no code.
+    expected = torch.cat([torch.zeros(1, 32), sincos_positions_2d(4, 4, 32)])
+    torch.testing.assert_close(features - raw, expected.expand(len(shape_images), -1, -1))
+
+
+def test_position_codes_refuse_a_token_count_that_is_no_grid():
+    model, _ = tiny_qformer_and_processor(vision_position_codes=True)
+    with pytest.raises(ValueError, match="square grid of patch tokens.*returned 7 tokens"):
+        model._patch_position_codes(7, 32)
