@@ -111,6 +111,8 @@ def main(out_dir: Path) -> None:
     results["itm/row_offset"] = output.labels[:1]
     results["uneven_batches_refused"] = torch.tensor(_uneven_batches_refused(rank))
     save_file({key: value.contiguous() for key, value in results.items()}, str(out_dir / f"rank{rank}.safetensors"))
+    # Both ranks leave together: a rank that tears gloo down while the other is still in it can leave that one hung.
+    dist.barrier()
     dist.destroy_process_group()
 
 

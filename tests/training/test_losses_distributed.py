@@ -43,7 +43,10 @@ def rank_results(tmp_path_factory) -> list[dict[str, torch.Tensor]]:
         stdout, stderr = process.communicate(timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
+        try:
+            stdout, stderr = process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:  # a worker outside torchrun's process group still holds the pipes
+            stdout, stderr = "(not read: a worker still holds the pipes)", ""
         pytest.fail(f"torchrun did not finish in {TIMEOUT_S}s\nstdout:\n{stdout}\nstderr:\n{stderr}")
     if process.returncode != 0:
         pytest.fail(f"torchrun exited with {process.returncode}\nstdout:\n{stdout}\nstderr:\n{stderr}")
