@@ -34,6 +34,9 @@ def trained_stage1(shapes_data, tmp_path_factory) -> tuple[Path, str]:
         vision_config={**SMALL_VISION, **LEARNABLE}, qformer_config={**SMALL_QFORMER, **LEARNABLE_QFORMER},
         max_steps=STAGE1_STEPS, per_device_train_batch_size=STAGE1_BATCH, per_device_eval_batch_size=64,
         logging_steps=5, warmup_steps=4, eval_strategy="steps", eval_steps=20,
+        # The preset's best-query similarity needs more than 40 steps of this 32-wide model before the held-out loss
+        # moves (it rose 4.155 -> 4.179 in one run); the mean over queries lowers it within them.
+        itc_similarity="mean",
     )  # fmt: skip
     output = run("training.train_qformer", args, out.parent / "stage1.log")
     return out, output
