@@ -5,9 +5,9 @@ import sys
 from collections.abc import Callable
 
 import transformers
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments, set_seed
 
-from .arguments import DataArguments
+from .arguments import DataArguments, parse_args
 from .checkpoints import resolve_resume_checkpoint
 from .data_setup import load_splits, text_corpus
 
@@ -22,6 +22,14 @@ def configure_logging(training_args: TrainingArguments) -> None:
         handlers=[logging.StreamHandler(sys.stdout)],
     )
     transformers.utils.logging.set_verbosity(logging.WARNING)
+
+
+def start_stage(model_arguments_class: type, argv: list[str] | None):
+    """Both scripts' opening: model, data and training arguments from YAML + command line, logging, seed."""
+    model_args, data_args, training_args = parse_args((model_arguments_class, DataArguments, TrainingArguments), argv)
+    configure_logging(training_args)
+    set_seed(training_args.seed)
+    return model_args, data_args, training_args
 
 
 def prepare_stage(model_args, data_args: DataArguments, training_args: TrainingArguments, label_names: list[str],

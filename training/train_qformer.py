@@ -10,19 +10,19 @@ Evaluation reports retrieval Recall@1/5/10 both ways on the evaluation split; ch
 import logging
 
 import torch
-from transformers import EvalPrediction, TrainingArguments, set_seed
+from transformers import EvalPrediction, TrainingArguments
 
 import modeling  # noqa: F401  (registers the models with the Auto classes and for code shipping)
 from eval.retrieval import retrieval_metrics
 from modeling.presets import build_pretrained_qformer, build_tiny_qformer, load_qformer
 
-from .arguments import DataArguments, QFormerModelArguments, parse_args
+from .arguments import DataArguments, QFormerModelArguments
 from .collators import ContrastiveCollator
 from .device_normalize import DeviceNormalizeMixin
 from .feature_cache import with_feature_cache
 from .losses import query_text_similarity
 from .model_card import ModelCardTrainerMixin
-from .stage_runner import configure_logging, prepare_stage, run_stage
+from .stage_runner import prepare_stage, run_stage, start_stage
 from .trainer import ParamGroupTrainer
 
 logger = logging.getLogger(__name__)
@@ -123,9 +123,7 @@ def build_trainer(
 
 
 def main(argv: list[str] | None = None) -> dict:
-    model_args, data_args, training_args = parse_args((QFormerModelArguments, DataArguments, TrainingArguments), argv)
-    configure_logging(training_args)
-    set_seed(training_args.seed)
+    model_args, data_args, training_args = start_stage(QFormerModelArguments, argv)
     trainer, resume_from = build_trainer(model_args, data_args, training_args)
     card = {"finetuned_from": model_args.text_model_name_or_path, "tasks": "image-text retrieval",
             "dataset": data_args.train_data}

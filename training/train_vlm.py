@@ -14,18 +14,18 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import TrainerCallback, TrainingArguments, set_seed
+from transformers import TrainerCallback, TrainingArguments
 
 import modeling  # noqa: F401  (registers the models with the Auto classes and for code shipping)
 from modeling.modeling_vlm import VLMForConditionalGeneration, add_lora
 from modeling.presets import build_vlm, load_qformer
 
-from .arguments import DataArguments, VLMModelArguments, parse_args
+from .arguments import DataArguments, VLMModelArguments
 from .collators import CAPTION_INSTRUCTIONS, CaptioningCollator
 from .device_normalize import DeviceNormalizeMixin
 from .feature_cache import with_feature_cache
 from .model_card import ModelCardTrainerMixin
-from .stage_runner import configure_logging, prepare_stage, run_stage
+from .stage_runner import prepare_stage, run_stage, start_stage
 from .trainer import ParamGroupTrainer
 
 logger = logging.getLogger(__name__)
@@ -150,9 +150,7 @@ def build_trainer(
 
 
 def main(argv: list[str] | None = None) -> dict:
-    model_args, data_args, training_args = parse_args((VLMModelArguments, DataArguments, TrainingArguments), argv)
-    configure_logging(training_args)
-    set_seed(training_args.seed)
+    model_args, data_args, training_args = start_stage(VLMModelArguments, argv)
     trainer, resume_from = build_trainer(model_args, data_args, training_args)
     card = {"finetuned_from": model_args.language_model_name_or_path, "tasks": "image-text-to-text",
             "dataset": data_args.train_data}
