@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo clean
+.PHONY: install lint test demo clean
 
 install: $(STAMP)
 
@@ -21,7 +21,11 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
-test: install
+# ruff's rules and line length are in pyproject.toml.
+lint: install
+	$(PY) -m ruff check .
+
+test: lint
 	$(PY) -m pytest -q tests
 
 demo: install

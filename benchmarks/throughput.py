@@ -262,7 +262,8 @@ def run_case(case: Case, opts, sizes: dict, image_processor) -> dict:
             model=model,
             args=training_arguments(case, opts, output_dir),
             train_dataset=list(range(case.batch * 4)),
-            data_collator=lambda rows: dict(batch),  # a fresh dict: the Trainer replaces uint8 pixels in it
+            # a fresh dict each step: the Trainer replaces uint8 pixels in it
+            data_collator=lambda rows, batch=batch: dict(batch),
             processing_class=image_processor,
             callbacks=[timer],
         )

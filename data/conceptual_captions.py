@@ -144,7 +144,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--output", required=True, help="parquet file to write")
-    parser.add_argument("--source", default=HUB_DATASET, help=f"Hub dataset or local file/folder (default {HUB_DATASET})")
+    parser.add_argument(
+        "--source", default=HUB_DATASET, help=f"Hub dataset or local file/folder (default {HUB_DATASET})"
+    )
     parser.add_argument("--config", default=HUB_CONFIG, help=f"Hub configuration (default {HUB_CONFIG})")
     parser.add_argument("--split", default="train", help="split to read (default train)")
     parser.add_argument("--num-samples", type=int, default=200_000, help="rows to keep (default 200000)")

@@ -65,7 +65,8 @@ def download_images(
     if not os.path.isfile(url_list):
         raise FileNotFoundError(f"URL list {url_list} not found; build one with `python -m data.conceptual_captions`")
     names = pq.read_schema(url_list).names
-    for role, column in (("url", url_col), ("caption", caption_col), *(("extra", c) for c in save_additional_columns or ())):
+    extra = (("extra", column) for column in save_additional_columns or ())
+    for role, column in (("url", url_col), ("caption", caption_col), *extra):
         if column not in names:
             raise ValueError(f"{role} column {column!r} not found in {url_list}; columns are: {', '.join(names)}")
     # albumentations (imported by img2dataset) checks the network for updates unless told not to.
@@ -177,7 +178,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--output-folder", required=True, help="folder for the shards (created if missing)")
     parser.add_argument("--image-size", type=int, default=224, help="output image side (default 224)")
     parser.add_argument(
-        "--resize-mode", default="center_crop", choices=["no", "keep_ratio", "center_crop", "border", "keep_ratio_largest"],
+        "--resize-mode", default="center_crop",
+        choices=["no", "keep_ratio", "center_crop", "border", "keep_ratio_largest"],
         help="how to fit images to the size (default center_crop)",
     )
     parser.add_argument("--processes", type=int, default=16, help="download processes (default 16)")

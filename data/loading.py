@@ -108,7 +108,8 @@ def _load_shards(
     num_proc: int | None, cache_dir: str | None,
 ) -> Dataset | IterableDataset:
     refs = list_shards(paths)
-    logger.info("reading %d shards as split %r from %s", len(refs), split, ", ".join(sorted({os.path.dirname(r.path) for r in refs})))
+    folders = ", ".join(sorted({os.path.dirname(r.path) for r in refs}))
+    logger.info("reading %d shards as split %r from %s", len(refs), split, folders)
     gen_kwargs = {"shards": [asdict(ref) for ref in refs], "options": options}
     if streaming:
         return IterableDataset.from_generator(_rows_from_shards, features=CLEANED_FEATURES, gen_kwargs=gen_kwargs)
@@ -204,7 +205,9 @@ def _count_and_drop(dataset: Dataset | IterableDataset, report: SkipReport, sour
         for key, skip, repairs, problem in zip(*(verdicts[c] for c in ["key", *hidden])):
             report.add(key, skip=skip, repairs=repairs, shard_problem=problem)
         report.log(logger, prefix=f"{source}: ")
-        dataset = dataset.filter(_is_kept, input_columns=["_skip", "_shard_problem"], batched=True, desc="dropping skipped")
+        dataset = dataset.filter(
+            _is_kept, input_columns=["_skip", "_shard_problem"], batched=True, desc="dropping skipped"
+        )
         if len(dataset) == 0:
             raise ValueError(f"no usable samples in {source}: " + "; ".join(report.summary_lines()))
     return dataset.remove_columns(hidden).cast_column("image", datasets.Image(mode="RGB"))

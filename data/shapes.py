@@ -359,7 +359,8 @@ def questions_for(
             }
         )
     obj = rng.choice(scene)
-    qa.append({"question": f"is there {_article(obj.color)} {obj.color} {obj.shape}?", "answer": "yes", "type": "exists"})
+    question = f"is there {_article(obj.color)} {obj.color} {obj.shape}?"
+    qa.append({"question": question, "answer": "yes", "type": "exists"})
     present = {(o.color, o.shape) for o in scene}
     absent = [
         (color, shape)

@@ -8,11 +8,10 @@ import csv
 import json
 import math
 from collections.abc import Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from .figures import plt, save_figure
-
 
 _CAPTION_COLUMNS = [("bleu_1", "BLEU-1"), ("bleu_2", "BLEU-2"), ("bleu_3", "BLEU-3"), ("bleu_4", "BLEU-4"),
                     ("meteor", "METEOR"), ("rouge_l", "ROUGE-L"), ("cider", "CIDEr-D")]
@@ -200,7 +199,7 @@ def write_report(
         plot_training_curves(log_histories, out_dir / "curves.png")
 
     meta = metrics.get("meta", {})
-    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     lines = ["# Evaluation report", "", f"Model `{meta.get('model', '?')}` on `{meta.get('data', '?')}` "
              f"({meta.get('num_samples', '?')} images), {when}.", ""]
     if "retrieval" in metrics:

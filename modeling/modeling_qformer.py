@@ -428,7 +428,8 @@ class QFormerModel(QFormerPreTrainedModel):
                         vision_features, input_ids, attention_mask,
                     )
             else:
-                logits_per_image = self.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE) * self.similarity(image_embeds, text_embeds)
+                scale = self.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
+                logits_per_image = scale * self.similarity(image_embeds, text_embeds)
                 logits_per_text = logits_per_image.t()
         return QFormerModelOutput(
             loss=loss,
@@ -465,4 +466,6 @@ class QFormerModel(QFormerPreTrainedModel):
         return F.pad(input_ids, (0, extra), value=pad_id), F.pad(attention_mask, (0, extra), value=0)
 
 
-__all__ = ["QFormerModel", "QFormerPreTrainedModel", "QFormerModelOutput", "map_bert_state_dict", "ship_code_with_weights"]
+__all__ = [
+    "QFormerModel", "QFormerPreTrainedModel", "QFormerModelOutput", "map_bert_state_dict", "ship_code_with_weights"
+]

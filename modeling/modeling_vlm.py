@@ -89,7 +89,8 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
     Example:
         >>> model = AutoModelForImageTextToText.from_pretrained("path/to/vlm", trust_remote_code=True)
         >>> processor = AutoProcessor.from_pretrained("path/to/vlm", trust_remote_code=True)
-        >>> messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]}]
+        >>> content = [{"type": "image"}, {"type": "text", "text": "Describe the image."}]
+        >>> messages = [{"role": "user", "content": content}]
         >>> prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
         >>> inputs = processor(images=[image], text=[prompt], return_tensors="pt")
         >>> processor.batch_decode(model.generate(**inputs, max_new_tokens=30)[:, inputs["input_ids"].shape[1]:])

@@ -58,7 +58,8 @@ class VLMProcessor(ProcessorMixin):
                 f"tokenizer.add_special_tokens({{'additional_special_tokens': [{image_token!r}]}}) first"
             )
         self.image_token_id = ids[0]
-        super().__init__(image_processor, tokenizer, qformer_tokenizer, chat_template=chat_template or DEFAULT_CHAT_TEMPLATE)
+        chat_template = chat_template or DEFAULT_CHAT_TEMPLATE
+        super().__init__(image_processor, tokenizer, qformer_tokenizer, chat_template=chat_template)
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
         # Every image gives the same number of visual tokens: one per query.

@@ -11,7 +11,7 @@ Shapes: ``B`` local batch, ``W`` world size, ``N = W * B`` gathered batch, ``Q``
 """
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -157,8 +157,8 @@ def contrastive_loss(
     text_embeds: torch.Tensor,
     logit_scale: torch.Tensor,
     *,
-    group_ids: Optional[torch.Tensor] = None,
-    negative_text_embeds: Optional[torch.Tensor] = None,
+    group_ids: torch.Tensor | None = None,
+    negative_text_embeds: torch.Tensor | None = None,
     similarity: Similarity = "max",
     gather: bool = True,
 ) -> ContrastiveLossOutput:
@@ -231,8 +231,8 @@ def _draw_negatives(similarity: torch.Tensor, allowed: torch.Tensor, generator) 
 def sample_itm_negatives(
     sim_i2t: torch.Tensor,
     sim_t2i: torch.Tensor,
-    group_ids: Optional[torch.Tensor] = None,
-    generator: Optional[torch.Generator] = None,
+    group_ids: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
     *,
     gather: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:

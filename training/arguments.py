@@ -21,10 +21,12 @@ class QFormerModelArguments:
         default=None, metadata={"help": "A saved Q-Former (folder or Hub id) to continue training."}
     )
     vision_model_name_or_path: str | None = field(
-        default=None, metadata={"help": "Pretrained vision encoder, e.g. google/vit-base-patch16-224. None: tiny preset."}
+        default=None,
+        metadata={"help": "Pretrained vision encoder, e.g. google/vit-base-patch16-224. None: tiny preset."},
     )
     text_model_name_or_path: str | None = field(
-        default=None, metadata={"help": "BERT-family checkpoint for the Q-Former's text layers, e.g. distilbert-base-uncased."}
+        default=None,
+        metadata={"help": "BERT-family checkpoint for the Q-Former's text layers, e.g. distilbert-base-uncased."},
     )
     vision_config: dict | str | None = field(
         default=None, metadata={"help": "Tiny preset: overrides of the ViT config (JSON on the command line)."}

@@ -36,7 +36,7 @@ def last_complete_checkpoint(output_dir: str | Path) -> str | None:
         for path in output_dir.iterdir()
         if path.is_dir() and (m := _CHECKPOINT.match(path.name))
     )
-    for step, path in reversed(found):
+    for _, path in reversed(found):
         if is_complete_checkpoint(path):
             return str(path)
         logger.warning("ignoring %s: it was not written completely (no valid trainer_state.json)", path)

@@ -96,8 +96,9 @@ class CaptioningCollator:
 
     Each sample becomes one conversation about its image: a captioning turn (an instruction chosen per sample,
     answered with the caption) and up to `qa_turns` question-answer turns, in an order drawn per sample (the image
-    goes with the first turn). All choices are deterministic functions of the sample's key and `seed`. Labels are -100 everywhere except the answers and the
-    `<|im_end|>`-style token that closes each answer (so the model learns to stop).
+    goes with the first turn). All choices are deterministic functions of the sample's key and `seed`. Labels are
+    -100 everywhere except the answers and the `<|im_end|>`-style token that closes each answer (so the model learns
+    to stop).
 
     Args:
         processor: a `VLMProcessor`.

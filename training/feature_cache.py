@@ -59,7 +59,8 @@ def _clean(config: dict) -> dict:
 
 
 def image_id(image: dict) -> str:
-    """Identity of an undecoded image (`{"bytes", "path"}`, as `datasets.Image(decode=False)` gives): its bytes' hash."""
+    """Identity of an undecoded image (`{"bytes", "path"}`, as `datasets.Image(decode=False)` gives): a hash of its
+    bytes."""
     if not isinstance(image, dict):
         raise TypeError(
             f"feature-cache lookups need undecoded images, got {type(image).__name__}: pass the datasets through "
@@ -135,10 +136,11 @@ class FeatureCache:
         key = cache_key(model, image_processor, dtype)
         path = Path(root) / key
         if not (path / INDEX).is_file():
-            others = sorted(p.name for p in Path(root).glob("*") if (p / INDEX).is_file()) if Path(root).is_dir() else []
+            others = sorted(p.name for p in Path(root).glob("*") if (p / INDEX).is_file())
             raise FileNotFoundError(
                 f"no feature cache for this vision encoder and image processor in {root} (key {key}"
-                + (f"; the caches there, {others}, were built for another encoder, processor or dtype" if others else "")
+                + (f"; the caches there, {others}, were built for another encoder, processor or dtype"
+                   if others else "")
                 + "); build it with `python -m training.feature_cache <qformer|vlm> <config.yaml> --feature_cache "
                 f"{root}` using the same model and data settings as training"
             )

@@ -14,7 +14,8 @@ similarity = model.similarity(model.get_image_embeds(inputs["pixel_values"]),
     "VLMForConditionalGeneration": """```python
 from transformers import pipeline
 pipe = pipeline("image-text-to-text", model="{repo}", trust_remote_code=True)
-messages = [{{"role": "user", "content": [{{"type": "image", "image": image}}, {{"type": "text", "text": "Describe the image."}}]}}]
+content = [{{"type": "image", "image": image}}, {{"type": "text", "text": "Describe the image."}}]
+messages = [{{"role": "user", "content": content}}]
 print(pipe(text=messages, max_new_tokens=40, return_full_text=False)[0]["generated_text"])
 ```""",
 }
@@ -39,7 +40,8 @@ def card_sections(model, metrics: dict, samples: list[tuple[str, str]] | None, r
     lines += ["| part | shape |", "|---|---|", *[f"| {k} | {v} |" for k, v in sizes.items()], ""]
     if metrics:
         lines += ["### Evaluation", "", "| metric | value |", "|---|---|"]
-        lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in sorted(metrics.items())]
+        lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"
+                  for k, v in sorted(metrics.items())]
         lines.append("")
     if samples:
         lines += ["### Sample outputs", "", "| reference | generated |", "|---|---|"]

@@ -102,7 +102,8 @@ def build_trainer(
         model_args, data_args, training_args, ["group_ids"], build_model, "stage-1")
 
     pretrained = bool(model_args.vision_model_name_or_path and model_args.text_model_name_or_path)
-    lr_rules = [(PRETRAINED_WEIGHTS, training_args.learning_rate * model_args.pretrained_lr_ratio)] if pretrained else []
+    pretrained_lr = training_args.learning_rate * model_args.pretrained_lr_ratio
+    lr_rules = [(PRETRAINED_WEIGHTS, pretrained_lr)] if pretrained else []
     collator = ContrastiveCollator(processor, data_args.max_caption_length, data_args.hard_negatives,
                                    pixel_format=data_args.pixel_format)
     if data_args.feature_cache:

@@ -101,7 +101,8 @@ def img2dataset_run(shapes_dir: Path, http_server: tuple[str, dict], tmp_path_fa
     for key, files in sorted(shapes.items()):
         meta = json.loads(files["json"])
         routes[f"/shapes/{key}.jpg"] = (200, {"Content-Type": "image/jpeg"}, files["jpg"])
-        rows.append({"image_url": f"{base}/shapes/{key}.jpg", "caption": meta["caption"], **{c: meta[c] for c in EXTRA_COLUMNS}})
+        extra = {column: meta[column] for column in EXTRA_COLUMNS}
+        rows.append({"image_url": f"{base}/shapes/{key}.jpg", "caption": meta["caption"], **extra})
     png = Image.new("RGBA", (48, 40), (10, 200, 30, 255))
     good_jpeg = encode(Image.new("RGB", (40, 40), (200, 40, 40)), "JPEG")
     planted = {

@@ -32,7 +32,8 @@ DROP = [
 def local_parquet(tmp_path: Path) -> Path:
     rows = KEEP[:2] + DROP[:3] + KEEP[2:] + DROP[3:]
     path = tmp_path / "cc.parquet"
-    pq.write_table(pa.table({"image_url": [u for u, _ in rows], "caption": [c for _, c in rows], "extra": list(range(len(rows)))}), path)
+    columns = {"image_url": [u for u, _ in rows], "caption": [c for _, c in rows], "extra": list(range(len(rows)))}
+    pq.write_table(pa.table(columns), path)
     return path
 
 

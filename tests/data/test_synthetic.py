@@ -119,7 +119,8 @@ def test_negative_captions_change_exactly_one_attribute_of_one_object() -> None:
         assert len(negatives) == len(scene) + 3  # a colour change per object, then shape, size, position
         assert all(_differs_in_one_attribute(scene, negative) for negative in negatives)
         colour_changes = negatives[: len(scene)]
-        assert all({o.color for o in set(n) - set(scene)} != {o.color for o in set(scene) - set(n)} for n in colour_changes)
+        for n in colour_changes:
+            assert {o.color for o in set(n) - set(scene)} != {o.color for o in set(scene) - set(n)}
 
 
 def test_questions_answer_what_the_scene_shows() -> None:

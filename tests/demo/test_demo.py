@@ -60,9 +60,9 @@ def test_trained_beats_untrained(demo_out):
     assert sum(metrics["stage1"].values()) > sum(metrics["untrained"]["stage1"].values())
 
     # Stage-2 loss on the same validation conversations, untrained vs trained.
-    import modeling  # noqa: F401
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    import modeling  # noqa: F401
     from data.loading import load_image_text_dataset
     from training.collators import CaptioningCollator
 

@@ -53,7 +53,9 @@ def test_pushed_files_are_exactly_what_a_fresh_process_needs(tiny_vlm, shape_ima
     expected = {
         "README.md", "config.json", "generation_config.json", "model.safetensors",
         "configuration_qformer.py", "configuration_vlm.py", "modeling_qformer.py", "modeling_vlm.py",
-        "qformer_losses.py", "processing_vlm.py", "qformer_tokenizer/tokenizer.json", "qformer_tokenizer/tokenizer_config.json", "processor_config.json", "chat_template.jinja", "tokenizer.json", "tokenizer_config.json",
+        "qformer_losses.py", "processing_vlm.py", "qformer_tokenizer/tokenizer.json",
+        "qformer_tokenizer/tokenizer_config.json", "processor_config.json", "chat_template.jinja", "tokenizer.json",
+        "tokenizer_config.json",
     }
     assert uploaded == expected
     assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in uploaded)

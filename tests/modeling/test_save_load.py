@@ -36,7 +36,8 @@ def test_qformer_loads_in_fresh_process(tiny_qformer, shape_images, tmp_path):
         assert type(processor).__name__ == "BlipProcessor", type(processor)
         with torch.no_grad():
             out = model(**load_file("inputs.safetensors"))
-        save_file({"logits": out.logits_per_image, "image": out.image_embeds, "text": out.text_embeds}, "out.safetensors")
+        tensors = {"logits": out.logits_per_image, "image": out.image_embeds, "text": out.text_embeds}
+        save_file(tensors, "out.safetensors")
         """,
         cwd=tmp_path,
     )

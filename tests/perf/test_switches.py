@@ -37,7 +37,7 @@ def loss_and_grads(model, batch):
 def assert_same_grads(a, b, **tol):
     assert a.keys() == b.keys() and a
     for name in a:
-        torch.testing.assert_close(a[name], b[name], **tol, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(a[name], b[name], **tol, msg=lambda m, name=name: f"{name}: {m}")
 
 
 class _Prepared:

@@ -7,8 +7,8 @@ import math
 import pytest
 
 from data.synthetic import generate_dataset
-from training import feature_cache, train_qformer, train_vlm
 from tests.helpers import REPO
+from training import feature_cache, train_qformer, train_vlm
 
 VISION = {"image_size": 32, "patch_size": 8, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
           "intermediate_size": 64}
@@ -21,7 +21,10 @@ LM = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_a
 def cli(fields: dict) -> list[str]:
     args = []
     for name, value in fields.items():
-        value = json.dumps(value) if isinstance(value, dict) else str(value).lower() if isinstance(value, bool) else value
+        if isinstance(value, dict):
+            value = json.dumps(value)
+        elif isinstance(value, bool):
+            value = str(value).lower()
         args += [f"--{name}", str(value)]
     return args
 

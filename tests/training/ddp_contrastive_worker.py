@@ -103,7 +103,9 @@ def main(out_dir: Path) -> None:
     columns = output.logits_per_text.shape[1]
     generator = torch.Generator().manual_seed(rank)
     draws = [
-        sample_itm_negatives(output.logits_per_image[:, :columns], output.logits_per_text, local["group_ids"], generator)
+        sample_itm_negatives(
+            output.logits_per_image[:, :columns], output.logits_per_text, local["group_ids"], generator
+        )
         for _ in range(ITM_DRAWS)
     ]
     results["itm/text_index_per_image"] = torch.stack([text for text, _ in draws])

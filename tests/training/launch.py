@@ -110,7 +110,7 @@ def finish(process: subprocess.Popen, log: Path) -> str:
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)  # its own session: torchrun and its workers go together
         process.wait()
-        raise AssertionError(f"{process.args} did not finish in {TIMEOUT_S}s:\n{log.read_text()[-6000:]}")
+        raise AssertionError(f"{process.args} did not finish in {TIMEOUT_S}s:\n{log.read_text()[-6000:]}") from None
     output = log.read_text()
     assert process.returncode == 0, f"{process.args} exited with {process.returncode}:\n{output[-6000:]}"
     return output

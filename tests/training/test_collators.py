@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from data.loading import load_image_text_dataset
+from data.shapes import COLORS
 from modeling.presets import build_vlm
 from tests.conftest import tiny_qformer_and_processor
 from tests.helpers import TINY_LM
-from data.shapes import COLORS
 from training.collators import CaptioningCollator, ContrastiveCollator
 from training.data_setup import text_corpus
 

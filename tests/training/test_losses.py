@@ -40,7 +40,8 @@ def test_query_text_similarity_matches_explicit_loops(mode):
     image, text = _unit(BATCH, QUERIES, WIDTH, seed=0), _unit(BATCH + 2, WIDTH, seed=1)
     torch.testing.assert_close(query_text_similarity(image, text, mode), _loop_similarity(image, text, mode))
     # One embedding per image: a plain cosine, whatever the mode.
-    torch.testing.assert_close(query_text_similarity(image[:, 0], text, mode), _loop_similarity(image[:, :1], text, mode))
+    expected = _loop_similarity(image[:, :1], text, mode)
+    torch.testing.assert_close(query_text_similarity(image[:, 0], text, mode), expected)
 
 
 def test_max_and_mean_differ_and_unknown_modes_are_refused():
@@ -124,7 +125,9 @@ def test_negative_text_embeds_are_extra_columns_that_are_never_targets(mode):
     output = contrastive_loss(image, text, scale, negative_text_embeds=negatives, similarity=mode)
 
     logits = scale * _loop_similarity(image, text, mode)
-    own_negatives = torch.stack([scale * _loop_similarity(image[i : i + 1], negatives[i], mode)[0] for i in range(BATCH)])
+    own_negatives = torch.stack(
+        [scale * _loop_similarity(image[i : i + 1], negatives[i], mode)[0] for i in range(BATCH)]
+    )
     image_logits = torch.cat([logits, own_negatives], dim=1)
     image_targets = torch.cat([torch.eye(BATCH), torch.zeros(BATCH, 2)], dim=1)
     expected = (_cross_entropy(image_logits, image_targets) + _cross_entropy(logits.T, torch.eye(BATCH))) / 2
