@@ -29,7 +29,7 @@ test: lint
 	$(PY) -m pytest -q tests
 
 demo: install
-	$(PY) -m training.demo
+	$(PY) -m demo
 
 clean:
 	rm -rf outputs/demo

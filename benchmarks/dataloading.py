@@ -29,7 +29,7 @@ from modeling.presets import CHAT_WORDS
 from modeling.processing_vlm import VLMProcessor
 from modeling.tiny_tokenizers import train_chat_tokenizer, train_wordpiece_tokenizer
 from training.collators import CaptioningCollator, ContrastiveCollator
-from training.data_setup import text_corpus
+from training.stage import text_corpus
 
 
 @contextlib.contextmanager

@@ -16,10 +16,9 @@ The original recipe: ~200k pairs from `google-research-datasets/conceptual_capti
 
 from __future__ import annotations
 
-import argparse
-import hashlib
 import logging
 import os
+from argparse import RawDescriptionHelpFormatter
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,6 +28,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
+from cli import ArgumentParser, UserError, non_negative_int, positive_int, run_command
+
+from .hashing import seeded_hash
 from .sources import open_dataset
 
 logger = logging.getLogger(__name__)
@@ -37,14 +39,10 @@ HUB_DATASET = "google-research-datasets/conceptual_captions"
 HUB_CONFIG = "unlabeled"
 
 
-def _url_rank(url: str, seed: int) -> int:
-    return int.from_bytes(hashlib.blake2b(f"{seed}\0{url}".encode(), digest_size=8).digest(), "big")
-
-
 def _require_columns(names: Sequence[str], *columns: str) -> None:
     for column in columns:
         if column not in names:
-            raise ValueError(
+            raise UserError(
                 f"column {column!r} not found; columns are: {', '.join(names)} (set --url-column / --caption-column)"
             )
 
@@ -81,7 +79,7 @@ def filter_and_sample(
     stats["duplicate_url"] = len(indexed) - len(kept)
     stats["rows_after_filters"] = len(kept)
     ranks = np.fromiter(
-        (_url_rank(url, seed) for url in tqdm(kept["image_url"].to_pylist(), desc="ranking urls", unit="url")),
+        (seeded_hash(url, seed) for url in tqdm(kept["image_url"].to_pylist(), desc="ranking urls", unit="url")),
         dtype=np.uint64, count=len(kept),
     )
     order = np.argsort(ranks, kind="stable")[:num_samples]
@@ -124,8 +122,8 @@ def build_url_parquet(
     return {"source": source, "output": os.fspath(output), "seed": seed, **stats}
 
 
-def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+def _parse_args(argv: Sequence[str] | None):
+    parser = ArgumentParser(
         prog="python -m data.conceptual_captions",
         description=(
             "Step 1 of the real-data recipe: make the image URL list that `python -m data.download` fetches. "
@@ -141,7 +139,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             "Offline? Run the first form on a connected machine and copy the parquet, or copy the dataset's "
             "parquet files and pass them with --source."
         ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=RawDescriptionHelpFormatter,
     )
     parser.add_argument("--output", required=True, help="parquet file to write")
     parser.add_argument(
@@ -149,10 +147,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--config", default=HUB_CONFIG, help=f"Hub configuration (default {HUB_CONFIG})")
     parser.add_argument("--split", default="train", help="split to read (default train)")
-    parser.add_argument("--num-samples", type=int, default=200_000, help="rows to keep (default 200000)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the sample (default 0)")
-    parser.add_argument("--min-caption-chars", type=int, default=10, help="shortest caption kept (default 10)")
-    parser.add_argument("--max-caption-chars", type=int, default=256, help="longest caption kept (default 256)")
+    parser.add_argument("--num-samples", type=positive_int, default=200_000, help="rows to keep (default 200000)")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the sample (default 0)")
+    parser.add_argument("--min-caption-chars", type=non_negative_int, default=10,
+                        help="shortest caption kept (default 10)")
+    parser.add_argument("--max-caption-chars", type=positive_int, default=256,
+                        help="longest caption kept (default 256)")
     parser.add_argument("--url-column", default="image_url", help="column with the URLs (default image_url)")
     parser.add_argument("--caption-column", default="caption", help="column with the captions (default caption)")
     return parser.parse_args(argv)
@@ -162,18 +162,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Command line entry point."""
     args = _parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        stats = build_url_parquet(
-            args.output, source=args.source, config_name=args.config, split=args.split, num_samples=args.num_samples,
-            seed=args.seed, min_caption_chars=args.min_caption_chars, max_caption_chars=args.max_caption_chars,
-            url_column=args.url_column, caption_column=args.caption_column,
-        )
-    except (ValueError, RuntimeError, OSError) as err:  # a message for a person, not a traceback
-        raise SystemExit(f"error: {err}") from err
+    stats = build_url_parquet(
+        args.output, source=args.source, config_name=args.config, split=args.split, num_samples=args.num_samples,
+        seed=args.seed, min_caption_chars=args.min_caption_chars, max_caption_chars=args.max_caption_chars,
+        url_column=args.url_column, caption_column=args.caption_column,
+    )
     for name, value in stats.items():
         print(f"{name}: {value}")
     print(f"next: python -m data.download --url-list {args.output} --output-folder <folder for the shards>")
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -15,16 +15,18 @@ are respected; those images are counted as failures with that reason.
 
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import logging
 import os
+from argparse import RawDescriptionHelpFormatter
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
 import pyarrow.parquet as pq
+
+from cli import ArgumentParser, UserError, non_negative_int, positive_int, run_command
 
 logger = logging.getLogger(__name__)
 
@@ -57,18 +59,18 @@ def download_images(
     call this from under `if __name__ == "__main__":` (as `python -m data.download` does).
     """
     if incremental_mode not in ("incremental", "extend"):
-        raise ValueError(
+        raise UserError(
             f"incremental_mode {incremental_mode!r} is not supported; use 'incremental' (resume) or 'extend' "
             "(add shards). To start over, delete the output folder ('overwrite' hangs img2dataset)"
         )
     url_list = os.fspath(url_list)
     if not os.path.isfile(url_list):
-        raise FileNotFoundError(f"URL list {url_list} not found; build one with `python -m data.conceptual_captions`")
+        raise UserError(f"URL list {url_list} not found; build one with `python -m data.conceptual_captions`")
     names = pq.read_schema(url_list).names
     extra = (("extra", column) for column in save_additional_columns or ())
     for role, column in (("url", url_col), ("caption", caption_col), *extra):
         if column not in names:
-            raise ValueError(f"{role} column {column!r} not found in {url_list}; columns are: {', '.join(names)}")
+            raise UserError(f"{role} column {column!r} not found in {url_list}; columns are: {', '.join(names)}")
     # albumentations (imported by img2dataset) checks the network for updates unless told not to.
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     from img2dataset import download  # noqa: PLC0415 - slow import (wandb, cv2); only needed here
@@ -160,8 +162,8 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+def _parse_args(argv: Sequence[str] | None):
+    parser = ArgumentParser(
         prog="python -m data.download",
         description=(
             "Step 2 of the real-data recipe: download the images of a URL parquet (from python -m "
@@ -172,24 +174,25 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             "example: python -m data.download --url-list data/cc_200k.parquet --output-folder data/cc_images\n"
             "then: load_image_text_dataset('data/cc_images') in data.loading, or the training configs' data path"
         ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=RawDescriptionHelpFormatter,
     )
     parser.add_argument("--url-list", required=True, help="parquet file with the URL and caption columns")
     parser.add_argument("--output-folder", required=True, help="folder for the shards (created if missing)")
-    parser.add_argument("--image-size", type=int, default=224, help="output image side (default 224)")
+    parser.add_argument("--image-size", type=positive_int, default=224, help="output image side (default 224)")
     parser.add_argument(
         "--resize-mode", default="center_crop",
         choices=["no", "keep_ratio", "center_crop", "border", "keep_ratio_largest"],
         help="how to fit images to the size (default center_crop)",
     )
-    parser.add_argument("--processes", type=int, default=16, help="download processes (default 16)")
-    parser.add_argument("--threads", type=int, default=64, help="threads per process (default 64)")
-    parser.add_argument("--samples-per-shard", type=int, default=10_000, help="URLs per shard (default 10000)")
+    parser.add_argument("--processes", type=positive_int, default=16, help="download processes (default 16)")
+    parser.add_argument("--threads", type=positive_int, default=64, help="threads per process (default 64)")
+    parser.add_argument("--samples-per-shard", type=positive_int, default=10_000, help="URLs per shard (default 10000)")
     parser.add_argument("--url-col", default="image_url", help="URL column (default image_url)")
     parser.add_argument("--caption-col", default="caption", help="caption column (default caption)")
-    parser.add_argument("--timeout", type=int, default=10, help="seconds per request (default 10)")
-    parser.add_argument("--retries", type=int, default=0, help="retries per URL (default 0)")
-    parser.add_argument("--min-image-size", type=int, default=0, help="skip images with a smaller side (default 0)")
+    parser.add_argument("--timeout", type=positive_int, default=10, help="seconds per request (default 10)")
+    parser.add_argument("--retries", type=non_negative_int, default=0, help="retries per URL (default 0)")
+    parser.add_argument("--min-image-size", type=non_negative_int, default=0,
+                        help="skip images with a smaller side (default 0)")
     parser.add_argument(
         "--max-image-area", type=float, default=float("inf"), help="skip images with more pixels (default: no limit)"
     )
@@ -203,17 +206,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Command line entry point."""
     args = _parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        download_images(
-            args.url_list, args.output_folder, image_size=args.image_size, resize_mode=args.resize_mode,
-            processes_count=args.processes, thread_count=args.threads, number_sample_per_shard=args.samples_per_shard,
-            url_col=args.url_col, caption_col=args.caption_col, timeout=args.timeout, retries=args.retries,
-            min_image_size=args.min_image_size, max_image_area=args.max_image_area,
-            incremental_mode="extend" if args.extend else "incremental",
-        )
-    except (ValueError, RuntimeError, OSError) as err:  # a message for a person, not a traceback
-        raise SystemExit(f"error: {err}") from err
+    download_images(
+        args.url_list, args.output_folder, image_size=args.image_size, resize_mode=args.resize_mode,
+        processes_count=args.processes, thread_count=args.threads, number_sample_per_shard=args.samples_per_shard,
+        url_col=args.url_col, caption_col=args.caption_col, timeout=args.timeout, retries=args.retries,
+        min_image_size=args.min_image_size, max_image_area=args.max_image_area,
+        incremental_mode="extend" if args.extend else "incremental",
+    )
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

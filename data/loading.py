@@ -4,7 +4,7 @@ Sources: a folder of webdataset shards (the shapes generator's or img2dataset's 
 glob of .tar files, an image folder with a metadata file (`imagefolder` convention), a folder
 written by `save_to_disk`, data files (parquet/csv/json), or a dataset on the Hub.
 
-Every source goes through the same cleaning (`_clean_sample`), so every row has the columns
+Every source goes through the same cleaning (`data.cleaning.clean_sample`), so every row has the columns
 
     image (PIL RGB)  caption (str)  key (str, unique)  group_id (str: same for true duplicates)
     references (list[str], caption first)  qa (list of {question, answer, type})
@@ -31,6 +31,8 @@ from typing import Any, Literal
 import datasets
 from datasets import Dataset, DatasetDict, Features, IterableDataset, IterableDatasetDict
 
+from cli import UserError
+
 from . import cleaning, sanitize, tar_shards
 from .cleaning import (
     CLEANED_FEATURES,
@@ -41,7 +43,8 @@ from .cleaning import (
     sample_from_files,
     verdict_row,
 )
-from .report import SkipReport
+from .hashing import seeded_hash
+from .skip_report import SkipReport
 from .sources import open_dataset
 from .tar_shards import (
     SHARD_DAMAGED,
@@ -130,28 +133,30 @@ def _resolve_columns(
     answer: str | None, group: str | None, key: str | None, source: str,
 ) -> dict[str, str | None]:
     if features is None:
-        raise ValueError(f"{source} does not declare its columns; pass a source with known features")
+        raise UserError(f"{source} does not declare its columns; give a source with known features (e.g. parquet)")
     names = list(features)
 
     def check(role: str, column: str | None) -> str | None:
         if column is not None and column not in names:
-            raise ValueError(f"{role} column {column!r} not found in {source}; columns are: {', '.join(names)}")
+            raise UserError(f"{role} column {column!r} not found in {source}; columns are: {', '.join(names)}")
         return column
 
     if image is None:
         typed = [n for n, f in features.items() if isinstance(f, datasets.Image)]
         image = (typed or [n for n in IMAGE_COLUMN_GUESSES if n in names] or [None])[0]
         if image is None:
-            raise ValueError(f"no image column found in {source}; columns are: {', '.join(names)}; pass image_column=")
+            raise UserError(
+                f"no image column found in {source}; columns are: {', '.join(names)}; set image_column"
+            )
     if caption is None:
         caption = next((n for n in CAPTION_COLUMN_GUESSES if n in names), None)
         if caption is None and not (question and answer):
-            raise ValueError(
-                f"no caption column found in {source}; columns are: {', '.join(names)}; pass caption_column= "
-                "(or question_column= and answer_column= for question-answer data)"
+            raise UserError(
+                f"no caption column found in {source}; columns are: {', '.join(names)}; set caption_column "
+                "(or question_column and answer_column for question-answer data)"
             )
     if (question is None) != (answer is None):
-        raise ValueError("pass question_column and answer_column together")
+        raise UserError("give question_column and answer_column together")
     return {
         "image": check("image", image), "caption": check("caption", caption), "question": check("question", question),
         "answer": check("answer", answer), "group": check("group", group), "key": check("key", key),
@@ -209,7 +214,7 @@ def _count_and_drop(dataset: Dataset | IterableDataset, report: SkipReport, sour
             _is_kept, input_columns=["_skip", "_shard_problem"], batched=True, desc="dropping skipped"
         )
         if len(dataset) == 0:
-            raise ValueError(f"no usable samples in {source}: " + "; ".join(report.summary_lines()))
+            raise UserError(f"no usable samples in {source}: " + "; ".join(report.summary_lines()))
     return dataset.remove_columns(hidden).cast_column("image", datasets.Image(mode="RGB"))
 
 
@@ -289,10 +294,6 @@ def load_image_text_dataset(
     return _count_and_drop(dataset, report, name)
 
 
-def _group_rank(group_id: str, seed: int) -> int:
-    return int.from_bytes(hashlib.blake2b(f"{seed}\0{group_id}".encode(), digest_size=8).digest(), "big")
-
-
 def split_train_eval(
     dataset: Dataset | IterableDataset,
     *,
@@ -317,7 +318,7 @@ def split_train_eval(
         threshold = int(eval_fraction * 2**64)
 
         def in_eval(group_id: str) -> bool:
-            return _group_rank(group_id, seed) < threshold
+            return seeded_hash(group_id, seed) < threshold
 
         return IterableDatasetDict(
             {
@@ -329,19 +330,19 @@ def split_train_eval(
     target = eval_size if eval_size is not None else max(1, round(eval_fraction * len(groups)))
     sizes = Counter(groups)
     if not 0 < target < len(groups) or len(sizes) < 2:
-        raise ValueError(
+        raise UserError(
             f"cannot take {target} eval samples from {len(groups)} samples in {len(sizes)} duplicate groups; "
             "ask for fewer, or bring more distinct samples"
         )
     chosen: set[str] = set()
     taken = 0
-    for group in sorted(sizes, key=lambda g: _group_rank(g, seed)):
+    for group in sorted(sizes, key=lambda g: seeded_hash(g, seed)):
         if taken >= target:
             break
         chosen.add(group)
         taken += sizes[group]
     if len(chosen) == len(sizes):
-        raise ValueError(f"eval_size {target} would take every duplicate group; ask for fewer eval samples")
+        raise UserError(f"eval_size {target} would take every duplicate group; ask for fewer eval samples")
     train_rows = [i for i, group in enumerate(groups) if group not in chosen]
     eval_rows = [i for i, group in enumerate(groups) if group in chosen]
     return DatasetDict({"train": dataset.select(train_rows), "eval": dataset.select(eval_rows)})

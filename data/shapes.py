@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass, replace
 
 from PIL import Image, ImageDraw
 
+from cli import UserError
+
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 # Saturated colours far apart in hue, so a 64 px JPEG keeps them apart.
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -118,13 +120,13 @@ def parse_holdout(text: str) -> Holdout:
     words = text.lower().split()
     unknown = [word for word in words if word not in _ATTRIBUTE_OF_WORD]
     if not words or unknown:
-        raise ValueError(
+        raise UserError(
             f"cannot read holdout {text!r}: unknown words {unknown or '(none given)'}; use shape, colour "
             f"and size words such as 'green triangle' from: {', '.join(_ATTRIBUTE_OF_WORD)}"
         )
     attributes = [_ATTRIBUTE_OF_WORD[word] for word in words]
     if len(set(attributes)) != len(attributes):
-        raise ValueError(f"holdout {text!r} names the same attribute twice; give at most one shape, colour, size")
+        raise UserError(f"holdout {text!r} names the same attribute twice; give at most one shape, colour, size")
     return frozenset(zip(attributes, words))
 
 

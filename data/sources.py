@@ -1,4 +1,4 @@
-"""Open a `datasets` source by name or path, with one clear error when the Hub cannot be reached."""
+"""Open a `datasets` source by name or path, with one clear error for what cannot be read."""
 
 from __future__ import annotations
 
@@ -6,10 +6,18 @@ import os
 from typing import Any
 
 import datasets
+import pyarrow.parquet
 from datasets import Dataset, IterableDataset
+
+from cli import UserError, looks_like_local_path, missing_path, one_line
 
 _FILE_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json"}
 _SAVE_TO_DISK_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+# What a data option accepts, for the messages.
+EXPECTED = (
+    "a folder of .tar shards, an image folder with metadata.jsonl/csv, a save_to_disk folder, a "
+    f"{'/'.join(_FILE_BUILDERS)} file or a Hub dataset name"
+)
 
 
 def pick_split(loaded: Any, split: str | None, source: str) -> Dataset | IterableDataset:
@@ -21,7 +29,19 @@ def pick_split(loaded: Any, split: str | None, source: str) -> Dataset | Iterabl
         return loaded[names[0]]
     if (split or "train") in names:
         return loaded[split or "train"]
-    raise ValueError(f"{source} has the splits {names}; pass split= one of them")
+    raise UserError(f"{source} has no split {split or 'train'!r}; its splits are {names}")
+
+
+def _read_local(source: str, read) -> Any:
+    """`read()` for a local source; anything it raises means the files cannot be read as a dataset."""
+    try:
+        return read()
+    except UserError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a damaged or foreign file makes datasets raise many types
+        raise UserError(
+            f"cannot read {source} as a dataset ({type(err).__name__}: {one_line(err)[:300]}); expected {EXPECTED}"
+        ) from err
 
 
 def open_dataset(
@@ -29,27 +49,34 @@ def open_dataset(
 ) -> Dataset | IterableDataset:
     """Open a `save_to_disk` folder, a data folder or file (parquet/csv/tsv/json), or a Hub dataset."""
     if os.path.isdir(source):
+        if not os.listdir(source):
+            raise UserError(f"data folder {source} is empty; expected {EXPECTED}")
         if any(os.path.exists(os.path.join(source, marker)) for marker in _SAVE_TO_DISK_MARKERS):
-            chosen = pick_split(datasets.load_from_disk(source), split, source)
+            chosen = pick_split(_read_local(source, lambda: datasets.load_from_disk(source)), split, source)
             return chosen.to_iterable_dataset() if streaming and isinstance(chosen, Dataset) else chosen
-        return pick_split(datasets.load_dataset(source, config_name, streaming=streaming), split, source)
+        loaded = _read_local(source, lambda: datasets.load_dataset(source, config_name, streaming=streaming))
+        return pick_split(loaded, split, source)
     if os.path.isfile(source):
         extension = os.path.splitext(source)[1].lower()
         if extension not in _FILE_BUILDERS:
-            raise ValueError(f"cannot read {source}: expected one of {', '.join(_FILE_BUILDERS)} or a folder")
+            raise UserError(f"cannot read {source}: expected {EXPECTED}")
         kwargs = {"sep": "\t"} if extension == ".tsv" else {}
-        loaded = datasets.load_dataset(_FILE_BUILDERS[extension], data_files=source, streaming=streaming, **kwargs)
+        builder = _FILE_BUILDERS[extension]
+        if builder == "parquet":  # its footer, read first: datasets would log the failure before raising it
+            _read_local(source, lambda: pyarrow.parquet.read_schema(source))
+        loaded = _read_local(
+            source, lambda: datasets.load_dataset(builder, data_files=source, streaming=streaming, **kwargs)
+        )
         return pick_split(loaded, split, source)
-    if source.startswith((".", "/", "~")) or source.count("/") > 1:
-        raise FileNotFoundError(f"{source} does not exist (and it is not a Hub dataset name like 'org/name')")
+    if looks_like_local_path(source):
+        raise missing_path("data source", source, EXPECTED)
     try:
         loaded = datasets.load_dataset(source, config_name, streaming=streaming)
     except Exception as err:  # noqa: BLE001 - network, auth and not-found errors all need the same advice
-        raise RuntimeError(
+        raise UserError(
             f"could not load {source!r} (config {config_name!r}) from the Hugging Face Hub, and there is no local "
-            f"file or folder of that name: {type(err).__name__}: {err}. If this machine is offline, load it on a "
-            "connected one and copy it here (save_to_disk, or the "
-            "dataset's parquet files), then pass that local folder or file instead; if online, check the name, "
-            "config and your access rights"
+            f"file or folder of that name ({type(err).__name__}: {one_line(err)[:300]}); if this machine is offline, "
+            "load it on a connected one and copy it here (save_to_disk, or the dataset's parquet files), then pass "
+            "that local folder or file instead; if online, check the name, config and your access rights"
         ) from err
     return pick_split(loaded, split, source)

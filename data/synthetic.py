@@ -21,7 +21,6 @@ in the train split: not in images, captions, negatives or questions.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
@@ -29,6 +28,7 @@ import logging
 import os
 import random
 import time
+from argparse import RawDescriptionHelpFormatter
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -37,6 +37,8 @@ from typing import Any
 
 import pyarrow as pa
 from tqdm.auto import tqdm
+
+from cli import ArgumentParser, UserError, non_negative_int, positive_int, run_command
 
 from .shapes import (
     COLORS,
@@ -170,15 +172,15 @@ def _check_holdouts_leave_choices(holdouts: Sequence[Holdout]) -> None:
         if not is_held_out(ShapeObject(shape, color, size, "top", "left"), holdouts)
     ]
     if not allowed:
-        raise ValueError("the holdouts exclude every shape/colour/size combination; hold out fewer")
+        raise UserError("the holdouts exclude every shape/colour/size combination; hold out fewer")
 
 
 def _prepare_folder(folder: Path, overwrite: bool) -> None:
     ours = [p for pattern in ("*.tar", "*.parquet", "*_stats.json") for p in folder.glob(pattern)]
     if ours and not overwrite:
-        raise FileExistsError(
-            f"{folder} already holds {len(ours)} shard files; pass overwrite=True (--overwrite) to replace "
-            "them or choose another output folder"
+        raise UserError(
+            f"{folder} already holds {len(ours)} shard files; pass --overwrite (overwrite=True) to replace them, or "
+            "choose another output folder"
         )
     for path in ours:
         path.unlink()
@@ -204,9 +206,9 @@ def write_split(
     shards in parallel (default: one per CPU); the bytes do not depend on it.
     """
     if num_samples < 0 or samples_per_shard < 1:
-        raise ValueError(f"need num_samples >= 0 and samples_per_shard >= 1, got {num_samples}, {samples_per_shard}")
+        raise UserError(f"need num_samples >= 0 and samples_per_shard >= 1, got {num_samples}, {samples_per_shard}")
     if image_size < 24:
-        raise ValueError(f"image_size {image_size} is too small to draw a readable 3x3 grid; use 24 or more")
+        raise UserError(f"image_size {image_size} is too small to draw a readable 3x3 grid; use 24 or more")
     _check_holdouts_leave_choices(holdouts)
     folder = Path(out_dir) / split
     _prepare_folder(folder, overwrite)
@@ -268,8 +270,8 @@ def generate_dataset(
     return summary
 
 
-def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+def _parse_args(argv: Sequence[str] | None):
+    parser = ArgumentParser(
         prog="python -m data.synthetic",
         description=(
             "Generate the synthetic 'shapes' image-caption-QA dataset as webdataset shards in img2dataset's "
@@ -281,19 +283,21 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             "--test 1000 --seed 0 --holdout 'green triangle'\n"
             "then load a split with data.loading.load_image_text_dataset('data/shapes', split='train')"
         ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=RawDescriptionHelpFormatter,
     )
     parser.add_argument("--out", required=True, help="output folder; one sub-folder per split is created")
     for split, default in zip(SPLITS, (20000, 1000, 0)):
-        parser.add_argument(f"--{split}", type=int, default=default, help=f"{split} samples (default {default})")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--image-size", type=int, default=64, help="image side in pixels (default 64)")
+        parser.add_argument(f"--{split}", type=non_negative_int, default=default,
+                            help=f"{split} samples (default {default})")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="random seed (default 0)")
+    parser.add_argument("--image-size", type=positive_int, default=64, help="image side in pixels (default 64)")
     parser.add_argument(
         "--holdout", action="extend", nargs="+", default=[], metavar="COMBO",
         help="attribute combination never shown in train, e.g. 'green triangle' or 'large blue'; repeatable",
     )
-    parser.add_argument("--samples-per-shard", type=int, default=1000, help="samples per tar shard (default 1000)")
-    parser.add_argument("--num-proc", type=int, default=None, help="worker processes (default: one per CPU)")
+    parser.add_argument("--samples-per-shard", type=positive_int, default=1000,
+                        help="samples per tar shard (default 1000)")
+    parser.add_argument("--num-proc", type=positive_int, default=None, help="worker processes (default: one per CPU)")
     parser.add_argument("--overwrite", action="store_true", help="replace shards already in the output folders")
     return parser.parse_args(argv)
 
@@ -303,17 +307,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = _parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     sizes = {split: getattr(args, split) for split in SPLITS if getattr(args, split) > 0}
-    try:
-        summary = generate_dataset(
-            args.out, sizes, seed=args.seed, image_size=args.image_size, holdouts=args.holdout,
-            samples_per_shard=args.samples_per_shard, num_proc=args.num_proc, overwrite=args.overwrite,
-        )
-    except (ValueError, RuntimeError, OSError) as err:  # a message for a person, not a traceback
-        raise SystemExit(f"error: {err}") from err
+    if not sizes:
+        raise UserError("every split has 0 samples; ask for some, e.g. --train 20000 --validation 1000")
+    summary = generate_dataset(
+        args.out, sizes, seed=args.seed, image_size=args.image_size, holdouts=args.holdout,
+        samples_per_shard=args.samples_per_shard, num_proc=args.num_proc, overwrite=args.overwrite,
+    )
     for split, info in summary["splits"].items():
         rate = info["samples"] / info["seconds"] if info["seconds"] else float("inf")
         print(f"{split}: {info['samples']} samples, {info['shards']} shards, {info['seconds']:.1f} s ({rate:.0f}/s)")
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import fsspec
 
+from cli import UserError
+
 SHARD_MISSING = "shard missing"
 SHARD_EMPTY = "shard empty (no samples)"
 SHARD_DAMAGED = "shard truncated or corrupt (samples after the damage are lost)"
@@ -70,9 +72,10 @@ def shard_folder(source: str, split: str | None) -> str | None:
         posixpath.basename(p) for p in fs.ls(root, detail=False) if fs.isdir(p) and _expand(fs, p)
     )
     if split_folders:
-        raise ValueError(
-            f"{source} holds shards in the split folders {split_folders}; pass split= one of them"
-            + (f" (there is no {split!r} folder with shards)" if split else "")
+        raise UserError(
+            f"{source} holds shards in the split folders {split_folders}"
+            + (f" but none named {split!r}" if split else "")
+            + f"; give the folder you mean, e.g. {posixpath.join(source, split_folders[0])}"
         )
     return None
 
@@ -90,7 +93,7 @@ def list_shards(paths: Sequence[str]) -> list[ShardRef]:
         found.extend((fs, p) for p in _expand(fs, local))
     unique = {p: fs for fs, p in found}
     if not unique:
-        raise FileNotFoundError(f"no .tar shards found in {list(paths)}; check the path or pattern")
+        raise UserError(f"no .tar shards found in {', '.join(map(str, paths))}; check the path or pattern")
     parents = {posixpath.dirname(p) for p in unique}
     common = posixpath.commonpath(parents) if len(parents) > 1 else None
     refs = []

@@ -1,20 +1,23 @@
 """`python -m eval --model <folder or Hub id> --data <shards or dataset> --out <dir>`: evaluate and write a report."""
 
-import argparse
 import json
 import logging
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
+from cli import ArgumentParser, UserError, positive_int, run_command
+
 from .generation import GENERATION_PRESETS
+from .model_card import CARD_NAME, update_evaluation
 from .report import load_log_history
 from .run import evaluate_model
 
 logger = logging.getLogger("eval")
 
 
-def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+def _parse_args(argv: Sequence[str] | None):
+    parser = ArgumentParser(
         prog="python -m eval",
         description=(
             "Evaluate a stage-1 Q-Former (retrieval) or a VLM (captioning, VQA, and retrieval through its Q-Former) "
@@ -27,10 +30,10 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--data", required=True, help="shards folder, .tar files, dataset folder/file or Hub dataset")
     parser.add_argument("--out", required=True, help="output folder for the report")
     parser.add_argument("--split", default=None, help="data split (default: the only one, or train)")
-    parser.add_argument("--max-samples", type=int, default=None, help="evaluate the first N samples only")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-samples", type=positive_int, default=None, help="evaluate the first N samples only")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="images per forward pass (default 32)")
     parser.add_argument("--strategy", choices=sorted(GENERATION_PRESETS), default="greedy", help="caption decoding")
-    parser.add_argument("--max-new-tokens", type=int, default=40, help="longest caption, in tokens")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=40, help="longest caption, in tokens")
     parser.add_argument("--no-shuffled", action="store_true", help="skip captioning with another image's pixels")
     parser.add_argument("--no-vqa", action="store_true", help="skip visual question answering")
     parser.add_argument("--meteor", choices=["auto", "on", "off"], default="auto",
@@ -41,6 +44,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="a trainer_state.json (or its folder) to draw training curves from; repeatable. "
                              "Default: the model folder's own trainer_state.json if it has one")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available)")
+    parser.add_argument("--update-card", action="store_true",
+                        help=f"replace the evaluation section of the model folder's {CARD_NAME} with these results")
     return parser.parse_args(argv)
 
 
@@ -50,14 +55,18 @@ def _log_histories(specs: Sequence[str], model: str) -> dict[str, list[dict]]:
     histories = {}
     for spec in specs:
         label, _, path = spec.rpartition("=")
+        if not Path(path).exists():
+            raise UserError(f"--trainer-state {path}: no such file or folder; give a trainer_state.json or its folder")
         histories[label or Path(path).name] = load_log_history(path)
     return histories
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = _parse_args(argv)
+    if args.meteor == "on" and shutil.which("java") is None:
+        raise UserError("--meteor on needs a `java` executable on PATH; install a JRE or use --meteor auto/off")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    metrics, _ = evaluate_model(
+    metrics = evaluate_model(
         args.model, args.data, args.out, split=args.split, max_samples=args.max_samples, batch_size=args.batch_size,
         strategy=args.strategy, max_new_tokens=args.max_new_tokens, shuffled=not args.no_shuffled,
         vqa=not args.no_vqa, meteor={"auto": None, "on": True, "off": False}[args.meteor],
@@ -65,9 +74,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
         device=args.device,
     )
     logger.info("report in %s/report.md", args.out)
+    if args.update_card:
+        logger.info("evaluation written into %s", update_evaluation(args.model, metrics))
     print(json.dumps({k: v for k, v in metrics.items() if k != "meta"}, indent=2))
     return metrics
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -18,10 +18,11 @@ from pathlib import Path
 import evaluate
 from PIL import Image
 
-from .figures import plt, save_figure
-from .generation import generate_texts
+from cli import UserError
 
-CAPTION_PROMPT = "Describe the image."
+from .figures import plt, save_figure
+from .generation import CAPTION_PROMPT, generate_texts
+
 METRIC_PATH = Path(__file__).resolve().parent / "metrics" / "coco_caption"
 
 
@@ -44,9 +45,9 @@ def fixed_derangement(group_ids: Sequence, seed: int = 0) -> list[int]:
         members.setdefault(group, []).append(index)
     largest = max((len(m) for m in members.values()), default=0)
     if n < 2 or 2 * largest > n:
-        raise ValueError(
+        raise UserError(
             f"cannot give each of {n} images another scene's picture when one scene holds {largest} of them; "
-            "evaluate on more distinct scenes or turn the shuffled pass off."
+            "evaluate on more distinct scenes, or turn the shuffled pass off (python -m eval --no-shuffled)"
         )
     groups = list(members)
     random.Random(seed).shuffle(groups)

@@ -10,6 +10,9 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+# The captioning instruction evaluation asks (training varies it, starting with this one).
+CAPTION_PROMPT = "Describe the image."
+
 # Decoding presets. "sample" is the original project's setting.
 GENERATION_PRESETS: dict[str, dict] = {
     "greedy": {"do_sample": False, "num_beams": 1},

@@ -14,6 +14,8 @@ from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, Aut
 
 from data.loading import load_image_text_dataset
 from data.shapes import parse_caption
+from modeling import QFormerConfig
+from modeling.model_folders import QFORMER_OR_VLM, check_model_source, hub_errors
 
 from .captioning import evaluate_captioning
 from .report import write_report
@@ -23,8 +25,6 @@ from .vqa import evaluate_vqa
 
 logger = logging.getLogger(__name__)
 
-QFORMER_MODEL_TYPE = "qformer_vlm_qformer"
-VLM_MODEL_TYPE = "qformer_vlm"
 # Where a VLM folder keeps its Q-Former's text tokenizer (the sub-folder name InstructBLIP's processor uses).
 QFORMER_TOKENIZER_SUBFOLDER = "qformer_tokenizer"
 
@@ -77,33 +77,32 @@ def evaluate_model(
     qformer_tokenizer: str | None = None,
     log_histories: Mapping[str, list[dict]] | None = None,
     device: str | None = None,
-) -> tuple[dict, str]:
+) -> dict:
     """Runs every evaluation that fits the model and writes the report into `out_dir`.
 
     Returns:
-        `(metrics, model_card_section)`; the files are described in `eval.report.write_report`.
+        the metrics, also written to `out_dir/metrics.json` (the files are described in `eval.report.write_report`).
     """
     out_dir = Path(out_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model_type = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=True).model_type
-    if model_type not in (QFORMER_MODEL_TYPE, VLM_MODEL_TYPE):
-        raise ValueError(
-            f"{model_name_or_path} is a {model_type!r} model; python -m eval takes a stage-1 Q-Former "
-            f"({QFORMER_MODEL_TYPE}) or a VLM ({VLM_MODEL_TYPE}) saved by this project's training scripts."
-        )
+    model_name_or_path = check_model_source(model_name_or_path, "--model", QFORMER_OR_VLM)
     rows = load_rows(data, split, max_samples)
+    with hub_errors("--model", model_name_or_path):
+        processor = AutoProcessor.from_pretrained(model_name_or_path, trust_remote_code=True)
+        config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=True)
+        is_qformer = config.model_type == QFormerConfig.model_type
+        auto_class = AutoModel if is_qformer else AutoModelForImageTextToText
+        model = auto_class.from_pretrained(model_name_or_path, trust_remote_code=True).to(device)
+    model_type = config.model_type
     logger.info("evaluating %s (%s) on %d samples of %s", model_name_or_path, model_type, len(rows), data)
-    processor = AutoProcessor.from_pretrained(model_name_or_path, trust_remote_code=True)
     metrics: dict = {"meta": {"model": str(model_name_or_path), "data": f"{data}" + (f" [{split}]" if split else ""),
                               "num_samples": len(rows), "model_type": model_type, "decoding": strategy}}
 
-    if model_type == QFORMER_MODEL_TYPE:
-        model = AutoModel.from_pretrained(model_name_or_path, trust_remote_code=True).to(device)
+    if is_qformer:
         metrics["retrieval"] = evaluate_retrieval(
             model, rows, processor.image_processor, processor.tokenizer, out_dir, batch_size=batch_size
         )
     else:
-        model = AutoModelForImageTextToText.from_pretrained(model_name_or_path, trust_remote_code=True).to(device)
         captions = evaluate_captioning(
             model, processor, rows, out_dir, batch_size=batch_size, strategy=strategy,
             max_new_tokens=max_new_tokens, shuffled=shuffled, meteor=meteor,
@@ -128,6 +127,5 @@ def evaluate_model(
             metrics["retrieval"] = evaluate_retrieval(
                 model.qformer, rows, processor.image_processor, tokenizer, out_dir, batch_size=batch_size
             )
-    section = write_report(out_dir, metrics, log_histories)
-    (out_dir / "model_card_section.md").write_text(section, encoding="utf-8")
-    return metrics, section
+    write_report(out_dir, metrics, log_histories)
+    return metrics

@@ -44,6 +44,8 @@ class QFormerConfig(PreTrainedConfig):
             what the encoder left of its position embedding in the token's content, and a small encoder trained
             from scratch may leave too little (convolutional encoders always get the codes, having no position
             embedding at all).
+        initializer_range (`float`, defaults to 0.02):
+            Standard deviation of the normal initialisation of the queries and the heads.
     """
 
     model_type = "qformer_vlm_qformer"
@@ -77,6 +79,12 @@ class QFormerConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
         if self.itc_similarity not in ("max", "mean"):
             raise ValueError(f"itc_similarity must be 'max' or 'mean', got {self.itc_similarity!r}")
+        for name in ("num_query_tokens", "embed_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.temperature <= 0 or self.itm_weight < 0:
+            raise ValueError(f"temperature must be above 0 and itm_weight at least 0, got {self.temperature}, "
+                             f"{self.itm_weight}")
         # The query transformer's cross-attention reads the vision encoder's features, and the contrastive
         # text path needs BERT-style text embeddings: both follow from the rest of the config.
         vision = self.vision_config

@@ -28,6 +28,8 @@ class VLMConfig(PreTrainedConfig):
         label_logits_only (`bool`, defaults to `True`):
             When labels are given, run the LM head only at positions that carry a label (answer tokens), instead
             of over the whole sequence and vocabulary. Same loss, far less work and memory.
+        initializer_range (`float`, defaults to 0.02):
+            Standard deviation of the normal initialisation of the adapter.
     """
 
     model_type = "qformer_vlm"
@@ -46,6 +48,8 @@ class VLMConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
+        if self.adapter_hidden_size is not None and self.adapter_hidden_size < 1:
+            raise ValueError(f"adapter_hidden_size must be at least 1, got {self.adapter_hidden_size}")
         if self.adapter_hidden_size is None:
             self.adapter_hidden_size = self.text_config.hidden_size
 

@@ -134,10 +134,12 @@ class QFormerModelOutput(ModelOutput):
     Args:
         loss (`torch.FloatTensor` of shape `()`, *optional*):
             Image-text contrastive loss, returned when both images and captions are given and `return_loss`.
-        logits_per_image (`torch.FloatTensor` of shape `(batch_size, global_batch_size)`):
-            Scaled similarities of each image with every caption (of all processes under data parallelism).
+        logits_per_image (`torch.FloatTensor` of shape `(batch_size, global_batch_size + K)`):
+            Scaled similarities of each image with every caption (of all processes under data parallelism), then
+            with its own `K` hard-negative captions when `negative_input_ids` are given (`K = 0` otherwise). Without
+            the loss (`return_loss=False`), local images against local captions: `(batch_size, batch_size)`.
         logits_per_text (`torch.FloatTensor` of shape `(batch_size, global_batch_size)`):
-            Scaled similarities of each caption with every image.
+            Scaled similarities of each caption with every image (`(batch_size, batch_size)` without the loss).
         image_embeds (`torch.FloatTensor` of shape `(batch_size, num_query_tokens, embed_dim)`):
             L2-normalised per-query image embeddings.
         text_embeds (`torch.FloatTensor` of shape `(batch_size, embed_dim)`):

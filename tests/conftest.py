@@ -13,8 +13,8 @@ def tiny_qformer_and_processor(**config_kwargs):
     kwargs = {
         "num_query_tokens": 4,
         "embed_dim": 32,
-        "vision": {"image_size": 32, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-                   "intermediate_size": 64},
+        "vision": {"image_size": 32, "patch_size": 8, "hidden_size": 32, "num_hidden_layers": 1,
+                   "num_attention_heads": 2, "intermediate_size": 64},
         "qformer": {"hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64},
         **config_kwargs,
     }

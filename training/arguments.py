@@ -1,112 +1,232 @@
-"""Argument dataclasses of the two training scripts, read from a YAML file with command-line overrides.
+"""Argument dataclasses of the training scripts, read from a YAML file with command-line overrides.
 
 `python -m training.train_qformer configs/tiny/stage1.yaml --max_steps 50` takes every field from the YAML file,
 then lets any `--field value` on the command line replace it, as transformers' example scripts do with JSON files.
+`--help` lists every field with its help text.
+
+The models' own settings (number of queries, embedding size, similarity rule, adapter width, ...) are not listed
+here: `with_config_fields` derives them from `QFormerConfig` and `VLMConfig`, with the config's types and the help
+of its docstring, so the config class is the one place that defines them.
+
+Every mistake in a config file or on the command line is a `UserError` naming the field, the file and line where it
+was read, and the fix: an unknown field (with the nearest known one), a value of the wrong type, a YAML syntax
+error, a count below its minimum, a missing config file.
 """
 
+import dataclasses
+import enum
+import inspect
 import json
+import re
 import sys
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
+from cli import OneLineErrors, UserError, check_at_least, closest, unknown_flags_message
+from modeling import QFormerConfig, VLMConfig
+from modeling.modeling_vlm import LORA_TARGET_MODULES
 
+# ----------------------------------------------------------------------------------------------
+# Model settings derived from the model configs
+# ----------------------------------------------------------------------------------------------
+
+
+def config_docs(config_class: type) -> dict[str, str]:
+    """The `Args:` entries of a config class docstring, `{name: description}` with the lines joined."""
+    docs, name = {}, None
+    for line in inspect.getdoc(config_class).splitlines():
+        entry = re.match(r"^    (\w+) \(.*\):$", line)
+        if entry:
+            name = entry.group(1)
+            docs[name] = ""
+        elif name and line.startswith("        "):
+            docs[name] = f"{docs[name]} {line.strip()}".strip()
+        elif line.strip():
+            name = None
+    return docs
+
+
+def with_config_fields(config_class: type, exclude: tuple[str, ...] = ()):
+    """Adds `config_class`'s own settings (its annotated fields, minus `exclude`) to an argument dataclass.
+
+    Each becomes an optional field of the config's type whose help is the config docstring's description. Left
+    unset (None), the model keeps its preset's value (the tiny preset's, or the config class default); set, it goes
+    to the config (`config_overrides`).
+    """
+    docs = config_docs(config_class)
+
+    def decorate(cls):
+        names = [n for n in config_class.__annotations__ if n not in exclude]
+        fields = []
+        for name in names:
+            default = getattr(config_class, name)
+            help_text = f"{docs.get(name, '')} Unset: the preset's value ({config_class.__name__}: {default!r})."
+            fields.append((name, config_class.__annotations__[name] | None,
+                           field(default=None, metadata={"help": help_text.strip()})))
+        derived = dataclasses.make_dataclass(cls.__name__, fields, bases=(cls,))
+        derived.__doc__, derived.__module__, derived.__qualname__ = cls.__doc__, cls.__module__, cls.__qualname__
+        derived.config_class, derived.config_fields = config_class, tuple(names)
+        return derived
+
+    return decorate
+
+
+def config_overrides(model_args) -> dict:
+    """The config settings given in `model_args` (`with_config_fields` fields that are set)."""
+    values = {name: getattr(model_args, name) for name in model_args.config_fields}
+    return {name: value for name, value in values.items() if value is not None}
+
+
+def _as_dict(name: str, value: dict | str | None) -> dict:
+    if value is None:
+        return {}
+    if isinstance(value, dict):
+        return dict(value)
+    try:
+        parsed = json.loads(value)
+    except ValueError:
+        parsed = None
+    if not isinstance(parsed, dict):
+        raise UserError(f"{name} must be a JSON object such as '{{\"hidden_size\": 64}}', got {value!r}")
+    return parsed
+
+
+def _validate_config(model_args) -> None:
+    """Builds the model config from the given settings, so a bad value is reported before any data is read."""
+    try:
+        model_args.config_class(**config_overrides(model_args))
+    except ValueError as err:
+        raise UserError(str(err)) from None
+
+
+# ----------------------------------------------------------------------------------------------
+# The argument dataclasses
+# ----------------------------------------------------------------------------------------------
+
+
+@with_config_fields(QFormerConfig, exclude=("vision_config", "qformer_config"))
 @dataclass
 class QFormerModelArguments:
     """Which stage-1 model to train: a saved one, one on pretrained checkpoints, or the tiny random preset."""
 
     model_name_or_path: str | None = field(
-        default=None, metadata={"help": "A saved Q-Former (folder or Hub id) to continue training."}
+        default=None, metadata={"help": "A saved Q-Former (stage-1 output folder or Hub id) to continue training."}
     )
     vision_model_name_or_path: str | None = field(
         default=None,
-        metadata={"help": "Pretrained vision encoder, e.g. google/vit-base-patch16-224. None: tiny preset."},
+        metadata={"help": "Pretrained vision encoder, e.g. google/vit-base-patch16-224. Unset: the tiny preset."},
     )
     text_model_name_or_path: str | None = field(
         default=None,
         metadata={"help": "BERT-family checkpoint for the Q-Former's text layers, e.g. distilbert-base-uncased."},
     )
     vision_config: dict | str | None = field(
-        default=None, metadata={"help": "Tiny preset: overrides of the ViT config (JSON on the command line)."}
+        default=None,
+        metadata={"help": "Tiny preset: changes to its vision encoder config, e.g. {\"num_hidden_layers\": 6} (JSON on "
+                          "the command line); \"model_type\" picks another encoder (e.g. resnet)."},
     )
     qformer_config: dict | str | None = field(
-        default=None, metadata={"help": "Overrides of the Q-Former layers' config (JSON on the command line)."}
+        default=None, metadata={"help": "Changes to the Q-Former layers' config (Blip2QFormerConfig fields)."}
     )
     text_vocab_size: int = field(default=1000, metadata={"help": "Tiny preset: vocabulary of the trained tokenizer."})
-    num_query_tokens: int = 32
-    embed_dim: int = 256
-    freeze_vision: bool = True
-    itc_similarity: str = field(default="max", metadata={"help": "'max' (BLIP-2) or 'mean' over queries."})
-    temperature: float = 0.07
     pretrained_lr_ratio: float = field(
         default=0.1,
         metadata={"help": "Learning-rate multiplier of weights initialised from pretrained checkpoints (text layers)."},
     )
-    itm_weight: float = field(default=0.0, metadata={"help": "Weight of the image-text matching loss (0: off)."})
-    vision_position_codes: bool = field(
-        default=False,
-        metadata={"help": "Add fixed 2-D sine-cosine position codes to the patch tokens the queries read."},
-    )
 
     def __post_init__(self):
-        self.vision_config = _as_dict(self.vision_config)
-        self.qformer_config = _as_dict(self.qformer_config)
+        self.vision_config = _as_dict("vision_config", self.vision_config)
+        self.qformer_config = _as_dict("qformer_config", self.qformer_config)
+        check_at_least({"text_vocab_size": self.text_vocab_size}, 50)
+        check_at_least({"pretrained_lr_ratio": self.pretrained_lr_ratio}, 0)
+        _validate_config(self)
 
 
+@with_config_fields(VLMConfig, exclude=("qformer_config", "text_config", "image_token_id"))
 @dataclass
 class VLMModelArguments:
-    """How to assemble the stage-2 model."""
+    """How to assemble the stage-2 model: a stage-1 Q-Former, an adapter and a language model (with LoRA)."""
 
     qformer_name_or_path: str | None = field(
         default=None, metadata={"help": "The stage-1 output folder (or Hub id). Required unless model_name_or_path."}
     )
-    model_name_or_path: str | None = field(default=None, metadata={"help": "A saved VLM to continue training."})
-    language_model_name_or_path: str | None = field(
-        default=None, metadata={"help": "Causal LM, e.g. HuggingFaceTB/SmolLM-135M-Instruct. None: tiny preset."}
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "A saved VLM (stage-2 output folder or Hub id) to continue training."}
     )
-    lm_config: dict | str | None = field(default=None, metadata={"help": "Tiny preset: LlamaConfig overrides."})
-    lm_vocab_size: int = 800
-    adapter_hidden_size: int | None = None
-    use_lora: bool = True
-    lora_r: int = 64
-    lora_alpha: int = 128
-    lora_dropout: float = 0.1
+    language_model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Causal LM, e.g. HuggingFaceTB/SmolLM-135M-Instruct. Unset: the tiny preset's LM."},
+    )
+    lm_config: dict | str | None = field(
+        default=None, metadata={"help": "Tiny preset: changes to its LlamaConfig, e.g. {\"num_hidden_layers\": 4}."}
+    )
+    lm_vocab_size: int = field(default=800, metadata={"help": "Tiny preset: vocabulary of the trained LM tokenizer."})
+    use_lora: bool = field(
+        default=True, metadata={"help": "Train the language model through LoRA (false: train all its weights)."}
+    )
+    lora_r: int = field(default=64, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=128, metadata={"help": "LoRA scaling numerator (the update is scaled by alpha/r)."})
+    lora_dropout: float = field(default=0.1, metadata={"help": "Dropout on the LoRA branch's input."})
     lora_target_modules: str = field(
-        default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
-        metadata={"help": "Comma-separated projection names inside the language model."},
+        default=",".join(LORA_TARGET_MODULES),
+        metadata={"help": "Comma-separated projection names inside the language model that get LoRA."},
     )
     qformer_learning_rate: float = field(
         default=1e-4, metadata={"help": "Learning rate of the Q-Former (the adapter and LoRA use --learning_rate)."}
     )
-    freeze_qformer: bool = False
+    freeze_qformer: bool = field(
+        default=False, metadata={"help": "Keep the stage-1 Q-Former fixed; only the adapter and the LM train."}
+    )
 
     def __post_init__(self):
-        self.lm_config = _as_dict(self.lm_config)
+        self.lm_config = _as_dict("lm_config", self.lm_config)
         if self.model_name_or_path is None and self.qformer_name_or_path is None:
-            raise ValueError("stage 2 needs --qformer_name_or_path (the stage-1 output) or --model_name_or_path")
+            raise UserError(
+                "stage 2 needs --qformer_name_or_path (the stage-1 output folder) or --model_name_or_path (a saved VLM)"
+            )
+        check_at_least({"lm_vocab_size": self.lm_vocab_size}, 50)
+        check_at_least({"lora_r": self.lora_r, "lora_alpha": self.lora_alpha}, 1)
+        check_at_least({"qformer_learning_rate": self.qformer_learning_rate, "lora_dropout": self.lora_dropout}, 0)
+        if not self.lora_target_modules.strip(","):
+            raise UserError("lora_target_modules is empty; name the projections, e.g. q_proj,v_proj")
+        _validate_config(self)
 
 
 @dataclass
 class DataArguments:
-    """Where the image-text pairs come from (see data.loading.load_image_text_dataset)."""
+    """Where the image-text pairs come from (see data.loading.load_image_text_dataset) and how they are batched."""
 
     train_data: str = field(metadata={"help": "Shard folder, image folder, local dataset or Hub dataset name."})
     eval_data: str | None = field(default=None, metadata={"help": "Same kinds as train_data; default: a split of it."})
     eval_size: int = field(default=1000, metadata={"help": "Held-out samples when eval_data is not given."})
-    image_column: str | None = None
-    caption_column: str | None = None
-    max_train_samples: int | None = None
-    max_eval_samples: int | None = None
+    image_column: str | None = field(
+        default=None, metadata={"help": "Image column of a datasets source (guessed when unset: an Image column)."}
+    )
+    caption_column: str | None = field(
+        default=None, metadata={"help": "Caption column of a datasets source (guessed when unset: caption, text...)."}
+    )
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Train on the first N samples only (unset: all)."}
+    )
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Evaluate on the first N samples only (unset: all)."}
+    )
     max_caption_length: int = field(default=48, metadata={"help": "Tokens per caption (stage 1)."})
     max_length: int = field(default=160, metadata={"help": "Tokens per conversation (stage 2), image tokens included."})
     hard_negatives: int = field(
-        default=0, metadata={"help": "Stage 1: counterfactual captions per image used as extra negatives."}
+        default=0, metadata={"help": "Stage 1: counterfactual captions per image used as extra negatives (the data's "
+                                     "negative_captions)."}
     )
-    qa_turns: int = field(default=3, metadata={"help": "Stage 2: question-answer turns per image after the caption."})
-    streaming: bool = False
-    pixel_format: str = field(
+    qa_turns: int = field(
+        default=3, metadata={"help": "Stage 2: question-answer turns per image beside the caption (the data's qa)."}
+    )
+    pixel_format: Literal["float", "uint8"] = field(
         default="float",
         metadata={"help": "'uint8': the loader sends uint8 pixels, normalised on the GPU (4x fewer bytes to move); "
                           "'float': the image processor's float output."},
@@ -117,32 +237,142 @@ class DataArguments:
                           "vision encoder is not run in training. Needs freeze_vision."},
     )
 
+    def __post_init__(self):
+        check_at_least({"eval_size": self.eval_size, "max_train_samples": self.max_train_samples,
+                        "max_eval_samples": self.max_eval_samples}, 1)
+        check_at_least({"max_caption_length": self.max_caption_length, "max_length": self.max_length}, 2)
+        check_at_least({"hard_negatives": self.hard_negatives, "qa_turns": self.qa_turns}, 0)
 
-def _as_dict(value: dict | str | None) -> dict:
-    if value is None:
-        return {}
-    return json.loads(value) if isinstance(value, str) else dict(value)
+
+def check_training_arguments(args: TrainingArguments) -> None:
+    """The counts of `TrainingArguments` that it leaves to fail at the first batch (or never)."""
+    check_at_least({"per_device_train_batch_size": args.per_device_train_batch_size,
+                    "per_device_eval_batch_size": args.per_device_eval_batch_size,
+                    "gradient_accumulation_steps": args.gradient_accumulation_steps}, 1)
+    if args.max_steps == 0 or args.max_steps < -1:
+        raise UserError(f"max_steps must be at least 1 (or -1 to train for num_train_epochs), got {args.max_steps}")
+    if args.max_steps == -1 and args.num_train_epochs <= 0:
+        raise UserError(f"num_train_epochs must be above 0 when max_steps is unset, got {args.num_train_epochs}")
+    check_at_least({"learning_rate": args.learning_rate}, 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Parsing: YAML file, then the command line
+# ----------------------------------------------------------------------------------------------
+
+
+class _Parser(OneLineErrors, HfArgumentParser):
+    """HfArgumentParser whose mistakes are one-line `UserError`s."""
+
+
+def _type_problem(value, annotation) -> str | None:
+    """Why `value` (from YAML) cannot fill a field annotated `annotation`, or None when it can.
+
+    Strings are what a command line gives: a string that converts (e.g. `1e-3` for a float) fits, as argparse
+    converts string defaults too.
+    """
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        problems = [_type_problem(value, arg) for arg in typing.get_args(annotation)]
+        return None if None in problems else " or ".join(dict.fromkeys(p for p in problems if p))
+    if annotation is type(None):
+        return None if value is None else "null"
+    if origin is Literal:
+        choices = typing.get_args(annotation)
+        return None if value in choices else f"one of {', '.join(map(repr, choices))}"
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        choices = [member.value for member in annotation]
+        return None if value in choices else f"one of {', '.join(map(repr, choices))}"
+    if annotation is bool:
+        return None if isinstance(value, bool) or str(value).lower() in ("true", "false") else "true or false"
+    if annotation in (int, float):
+        kind = "an integer" if annotation is int else "a number"
+        if isinstance(value, bool):
+            return kind
+        if isinstance(value, int) or (annotation is float and isinstance(value, float)):
+            return None
+        if isinstance(value, str):
+            try:
+                annotation(value)
+            except ValueError:
+                return kind
+            return None
+        return kind
+    if annotation is str:
+        return None if isinstance(value, (str, int, float)) and not isinstance(value, bool) else "a string"
+    if annotation is dict or origin is dict:
+        return None if isinstance(value, dict) else "a mapping"
+    if annotation is list or origin is list:
+        return None if isinstance(value, list) else "a list"
+    return None
+
+
+def read_yaml_config(path: Path, dataclass_types: tuple) -> dict:
+    """The fields of a YAML config file, checked against the dataclasses: known names, fitting types.
+
+    Raises `UserError` naming the file and line of the first problem.
+    """
+    if not path.is_file():
+        raise UserError(f"config file {path} not found; the presets are configs/<tiny|base|qwen3>/stage<1|2>.yaml")
+    text = path.read_text(encoding="utf-8")
+    try:
+        root = yaml.compose(text)
+        values = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise UserError(f"{path}{where}: not valid YAML ({problem}); fix the syntax there") from None
+    if not isinstance(values, dict):
+        raise UserError(f"{path}: expected `field: value` lines, got a YAML {type(values).__name__}")
+    lines = {node.value: node.start_mark.line + 1 for node, _ in root.value} if root is not None else {}
+    hints = {}
+    for dataclass_type in dataclass_types:
+        types_of = typing.get_type_hints(dataclass_type)
+        hints.update({f.name: types_of[f.name] for f in dataclasses.fields(dataclass_type)})
+    for name, value in values.items():
+        where = f"{path} line {lines.get(name, '?')}"
+        if name not in hints:
+            raise UserError(f"{where}: unknown field {name!r}{closest(name, hints)}; --help lists the fields")
+        problem = _type_problem(value, hints[name])
+        if problem:
+            raise UserError(f"{where}: {name} must be {problem}, got {value!r}")
+    return values
 
 
 def parse_args(dataclass_types: tuple, argv: list[str] | None = None) -> tuple:
-    """Parses `[config.yaml] [--field value ...]` into the given dataclasses (YAML first, command line on top)."""
+    """Parses `[config.yaml] [--field value ...]` into the given dataclasses (YAML first, command line on top).
+
+    A `TrainingArguments` among them is also checked for counts the Trainer would only reject at the first batch.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser(dataclass_types)
-    if argv and argv[0].endswith((".yaml", ".yml")):
+    # Exact option names only: argparse would take `--max_step` for `--max_steps`, and a typo for another option.
+    parser = _Parser(dataclass_types, allow_abbrev=False)
+    if argv and not argv[0].startswith("-"):
         path = Path(argv.pop(0))
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {path} not found; the presets are in configs/<preset>/stage*.yaml")
-        values = yaml.safe_load(path.read_text()) or {}
-        known = {f for dc in dataclass_types for f in dc.__dataclass_fields__}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"{path}: unknown fields {unknown}; see --help for the accepted ones")
+        if path.suffix not in (".yaml", ".yml"):
+            raise UserError(f"{path}: the config file must be a .yaml file (or start with --field value options)")
+        values = read_yaml_config(path, dataclass_types)
         parser.set_defaults(**values)
         # Fields the YAML file sets are no longer required on the command line.
         for action in parser._actions:
             if action.dest in values:
                 action.required = False
-    return parser.parse_args_into_dataclasses(args=argv)
+    try:
+        *parsed, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    except UserError:
+        raise
+    except (ValueError, TypeError) as err:  # a dataclass refused a combination of values (e.g. TrainingArguments)
+        raise UserError(str(err)) from None
+    if unknown:
+        raise UserError(f"{unknown_flags_message(unknown, parser._option_string_actions)}; --help lists the options")
+    for arguments in parsed:
+        if isinstance(arguments, TrainingArguments):
+            check_training_arguments(arguments)
+    return tuple(parsed)
 
 
-__all__ = ["DataArguments", "QFormerModelArguments", "TrainingArguments", "VLMModelArguments", "parse_args"]
+__all__ = [
+    "DataArguments", "QFormerModelArguments", "TrainingArguments", "VLMModelArguments", "check_training_arguments",
+    "config_overrides", "parse_args", "read_yaml_config", "with_config_fields",
+]

@@ -7,8 +7,12 @@ The Trainer writes a checkpoint folder piece by piece (weights, optimizer, sched
 
 import json
 import logging
+import os
 import re
 from pathlib import Path
+
+from cli import UserError, missing_path
+from modeling.model_folders import check_weights
 
 logger = logging.getLogger(__name__)
 
@@ -47,18 +51,26 @@ def resolve_resume_checkpoint(resume_from_checkpoint: str | bool | None, output_
     """Turns `--resume_from_checkpoint` (a path, True/"true" for the newest, or None) into a complete checkpoint.
 
     Without the flag, a previous run's checkpoints in `output_dir` are resumed from too, as transformers' example
-    scripts do.
+    scripts do. The weights of the checkpoint are checked (`check_weights`); a mistake is a `UserError`.
     """
     if resume_from_checkpoint in (None, False, "false", "False"):
-        return last_complete_checkpoint(output_dir)
-    if resume_from_checkpoint in (True, "true", "True"):
+        found = last_complete_checkpoint(output_dir)
+    elif resume_from_checkpoint in (True, "true", "True"):
         found = last_complete_checkpoint(output_dir)
         if found is None:
-            raise FileNotFoundError(f"--resume_from_checkpoint: no complete checkpoint in {output_dir}")
-        return found
-    if not is_complete_checkpoint(resume_from_checkpoint):
-        raise ValueError(
-            f"{resume_from_checkpoint} is not a complete checkpoint (no valid trainer_state.json): the run that wrote "
-            "it probably died while saving; resume from an earlier checkpoint-N"
-        )
-    return str(resume_from_checkpoint)
+            raise UserError(
+                f"--resume_from_checkpoint: no complete checkpoint in {output_dir}; leave the option out to start "
+                "from the beginning, or give the output_dir of the run to continue"
+            )
+    else:
+        found = os.fspath(resume_from_checkpoint)
+        if not os.path.exists(found):
+            raise missing_path("--resume_from_checkpoint", found, "a checkpoint-N folder, or true for the newest")
+        if not is_complete_checkpoint(found):
+            raise UserError(
+                f"{found} is not a complete checkpoint (no valid trainer_state.json): the run that wrote it "
+                "probably died while saving; resume from an earlier checkpoint-N"
+            )
+    if found is not None:
+        check_weights(found)
+    return found

@@ -4,29 +4,28 @@ Rows come from `data.loading.load_image_text_dataset`: "image" (PIL, RGB), "capt
 "references", "qa" (list of {"question", "answer", "type"}), "negative_captions".
 """
 
-import hashlib
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
+from cli import UserError
+from data.hashing import seeded_hash
+from eval.generation import CAPTION_PROMPT
+
 from .device_normalize import pixel_batch
 
-# Varied captioning instructions, so the model learns the task rather than one prompt string.
+# Varied captioning instructions, so the model learns the task rather than one prompt string; the first is the one
+# evaluation asks.
 CAPTION_INSTRUCTIONS = (
-    "Describe the image.",
+    CAPTION_PROMPT,
     "What is in this picture?",
     "Write a short caption for this image.",
     "Describe what you see.",
     "Give a one-sentence description of the image.",
     "What does the image show?",
 )
-
-
-def stable_hash(text: str, salt: str = "") -> int:
-    """A 63-bit hash that is the same in every process and every run (Python's `hash` is salted per process)."""
-    return int.from_bytes(hashlib.blake2b(f"{salt}\0{text}".encode(), digest_size=8).digest(), "big") >> 1
 
 
 @dataclass
@@ -61,7 +60,7 @@ class ContrastiveCollator:
             **pixel_batch(self.processor.image_processor, [row["image"] for row in rows], self.pixel_format),
             "input_ids": text["input_ids"],
             "attention_mask": text["attention_mask"],
-            "group_ids": torch.tensor([stable_hash(row["group_id"]) for row in rows], dtype=torch.long),
+            "group_ids": torch.tensor([seeded_hash(row["group_id"], bits=63) for row in rows], dtype=torch.long),
         }
         if self.hard_negatives:
             negatives = [self._negatives_of(row) for row in rows]
@@ -76,17 +75,30 @@ class ContrastiveCollator:
             batch["negative_attention_mask"] = neg["attention_mask"]
         return batch
 
+    def check_dataset(self, dataset, name: str) -> None:
+        """Raises `UserError` before training when `dataset` lacks what these settings need: with hard_negatives,
+        counterfactual captions in every sample (read from the text column, no image decoded)."""
+        if not self.hard_negatives:
+            return
+        missing = [key for key, negatives in zip(dataset["key"], dataset["negative_captions"]) if not negatives]
+        if missing:
+            raise UserError(
+                f"hard_negatives: {self.hard_negatives} needs counterfactual captions (negative_captions), but "
+                f"{len(missing)} of {len(dataset)} samples of {name} have none (e.g. {missing[0]!r}); set "
+                "hard_negatives: 0 for data without them"
+            )
+
     def _negatives_of(self, row: dict) -> list[str]:
         negatives = list(row.get("negative_captions") or [])
         if not negatives:
-            raise ValueError(
+            raise UserError(
                 f"sample {row['key']!r} has no negative_captions but hard_negatives={self.hard_negatives}; "
                 "set hard_negatives: 0 for data without counterfactual captions"
             )
         # A per-sample shuffle, not the first K: the generator lists the colour changes first, so taking the head
         # of the list would almost never show the model a shape or position change. Seeded by the key, so resumed
         # and multi-process runs draw the same ones.
-        random.Random(stable_hash(row["key"], "negatives")).shuffle(negatives)
+        random.Random(seeded_hash(row["key"], "negatives", bits=63)).shuffle(negatives)
         return (negatives * self.hard_negatives)[: self.hard_negatives]
 
 
@@ -117,9 +129,19 @@ class CaptioningCollator:
     instructions: Sequence[str] = field(default=CAPTION_INSTRUCTIONS)
     pixel_format: str = "float"
 
+    def check_dataset(self, dataset, name: str) -> None:
+        """Raises `UserError` before training when `dataset` does not fit these settings: question-answer turns
+        asked for where no sample has any, or a `max_length` that cuts into the image tokens of the first batch."""
+        if self.qa_turns and not any(len(pairs) for pairs in dataset["qa"]):
+            raise UserError(
+                f"qa_turns: {self.qa_turns} asks for question-answer turns, but no sample of {name} has "
+                "question-answer pairs (qa); set qa_turns: 0 for caption-only data"
+            )
+        self([dataset[i] for i in range(min(8, len(dataset)))])
+
     def conversation(self, row: dict) -> list[tuple[str, str]]:
         """The (user text, assistant answer) turns for one sample."""
-        rng = random.Random(stable_hash(row["key"], salt=str(self.seed)))
+        rng = random.Random(seeded_hash(row["key"], self.seed, bits=63))
         qa = list(row.get("qa") or [])
         rng.shuffle(qa)
         turns = [(pair["question"], pair["answer"]) for pair in qa[: self.qa_turns]]
@@ -172,8 +194,9 @@ class CaptioningCollator:
         )
         image_id = self.processor.image_token_id
         if not bool((encoded["input_ids"] == image_id).sum(dim=1).eq(self.processor.num_query_tokens).all()):
-            raise ValueError(
-                f"max_length={self.max_length} cuts into the {self.processor.num_query_tokens} image tokens; raise it"
+            raise UserError(
+                f"max_length: {self.max_length} cuts into the {self.processor.num_query_tokens} image tokens of a "
+                f"conversation; raise max_length"
             )
         labels = torch.full_like(encoded["input_ids"], -100)
         for i, spans in enumerate(all_spans):
@@ -189,4 +212,4 @@ class CaptioningCollator:
         }
 
 
-__all__ = ["CAPTION_INSTRUCTIONS", "CaptioningCollator", "ContrastiveCollator", "stable_hash"]
+__all__ = ["CAPTION_INSTRUCTIONS", "CaptioningCollator", "ContrastiveCollator"]

@@ -33,6 +33,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from cli import UserError, run_command
+
+from .arguments import QFormerModelArguments, VLMModelArguments
+from .models import build_stage1_model, build_stage2_model
+from .stage import load_splits, start_stage, text_corpus
+
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
@@ -102,7 +108,7 @@ def cache_key(model: torch.nn.Module, image_processor, dtype: torch.dtype = torc
 
 def _check_frozen(source: torch.nn.Module) -> None:
     if not source.config.freeze_vision:
-        raise ValueError(
+        raise UserError(
             "the vision encoder trains (freeze_vision: false), so its features change every step and cannot be "
             "cached; set freeze_vision: true or leave feature_cache unset"
         )
@@ -119,7 +125,7 @@ class FeatureCache:
         self.path = Path(path)
         index_file = self.path / INDEX
         if not index_file.is_file():
-            raise FileNotFoundError(f"{self.path} is not a complete feature cache (no {INDEX}); build it again")
+            raise UserError(f"{self.path} is not a complete feature cache (no {INDEX}); build it again")
         self.index = json.loads(index_file.read_text())
         self._where: dict[str, tuple[int, int]] = {}
         for shard_id, shard in enumerate(self.index["shards"]):
@@ -137,7 +143,7 @@ class FeatureCache:
         path = Path(root) / key
         if not (path / INDEX).is_file():
             others = sorted(p.name for p in Path(root).glob("*") if (p / INDEX).is_file())
-            raise FileNotFoundError(
+            raise UserError(
                 f"no feature cache for this vision encoder and image processor in {root} (key {key}"
                 + (f"; the caches there, {others}, were built for another encoder, processor or dtype"
                    if others else "")
@@ -161,14 +167,18 @@ class FeatureCache:
             self._handles[shard_id] = handle.get_slice("features")
         return self._handles[shard_id]
 
-    def features(self, ids: Sequence[str]) -> torch.Tensor:
-        """Features of the images with these `image_id`s, in that order."""
+    def features_exist(self, ids: Sequence[str]) -> None:
+        """Raises `UserError` when an image of these `image_id`s is not in the cache."""
         missing = [k for k in ids if k not in self._where]
         if missing:
-            raise KeyError(
+            raise UserError(
                 f"{len(missing)} images (e.g. {missing[0]!r}) are not in the feature cache {self.path}; it was built "
                 "from other data: rebuild it with the training data settings"
             )
+
+    def features(self, ids: Sequence[str]) -> torch.Tensor:
+        """Features of the images with these `image_id`s, in that order."""
+        self.features_exist(ids)
         return torch.cat([self._slice(s)[r:r + 1] for s, r in (self._where[k] for k in ids)])
 
 
@@ -277,44 +287,39 @@ def with_feature_cache(collator, image_sets: Sequence, cache_root: str, model: t
         raise TypeError(f"{type(collator).__name__} has no pixel_format; a feature cache needs a stage collator")
     cache = FeatureCache.open(cache_root, model, image_processor)
     logger.info("reading vision features from %s (%d images)", cache.path, len(cache))
+    image_sets = [undecoded(d) for d in image_sets]
+    for dataset in image_sets:  # every image, now: not at the batch that would miss one
+        for rows in dataset.select_columns(["image"]).iter(batch_size=1024):
+            cache.features_exist([image_id(image) for image in rows["image"]])
     wrapped = FeatureCacheCollator(dataclasses.replace(collator, pixel_format="none"), cache,
                                    dtype=None if bf16 else torch.float32)
-    return (wrapped, *(undecoded(d) for d in image_sets))
+    return (wrapped, *image_sets)
+
+
+STAGES = {"qformer": (QFormerModelArguments, build_stage1_model), "vlm": (VLMModelArguments, build_stage2_model)}
 
 
 def main(argv: list[str] | None = None) -> FeatureCache:
-    """`python -m training.feature_cache {qformer,vlm} config.yaml [--field value ...] --feature_cache DIR`."""
-    from transformers import TrainingArguments, set_seed
+    """`python -m training.feature_cache {qformer,vlm} config.yaml [--field value ...] --feature_cache DIR`.
 
-    from .arguments import DataArguments, QFormerModelArguments, VLMModelArguments, parse_args
-    from .data_setup import load_splits, text_corpus
-
+    Starts like the training script of that stage (same arguments, seed, data and model builder), so the cache is
+    built for exactly the encoder training will use.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     stage = argv.pop(0) if argv else None
-    if stage not in ("qformer", "vlm"):
-        raise SystemExit("usage: python -m training.feature_cache {qformer,vlm} config.yaml --feature_cache DIR")
-    model_cls = QFormerModelArguments if stage == "qformer" else VLMModelArguments
-    model_args, data_args, training_args = parse_args((model_cls, DataArguments, TrainingArguments), argv)
+    if stage not in STAGES:
+        raise UserError(
+            f"the first argument is the stage, qformer or vlm, got {stage!r}: python -m training.feature_cache "
+            "{qformer,vlm} config.yaml --feature_cache DIR"
+        )
+    arguments_class, build_model = STAGES[stage]
+    model_args, data_args, training_args = start_stage(arguments_class, argv)
     if not data_args.feature_cache:
-        raise SystemExit("say where the cache goes: --feature_cache DIR (the same value training will use)")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    set_seed(training_args.seed)  # the tiny preset's random encoder must be the one training builds
+        raise UserError("say where the cache goes: --feature_cache DIR (the same value training will use)")
     train, evaluation = load_splits(data_args, training_args.seed)
-    if stage == "qformer":
-        from .train_qformer import build_model
-
-        model, processor = build_model(model_args, text_corpus(train), None)
-    elif model_args.model_name_or_path:
-        from transformers import AutoModel, AutoProcessor
-
-        model = AutoModel.from_pretrained(model_args.model_name_or_path)
-        processor = AutoProcessor.from_pretrained(model_args.model_name_or_path)
-    else:
-        from modeling.presets import load_qformer
-
-        model, processor = load_qformer(model_args.qformer_name_or_path)
+    model, processor = build_model(model_args, text_corpus(train))
     return build_feature_cache(model, processor.image_processor, [train, evaluation], data_args.feature_cache)
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

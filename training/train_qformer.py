@@ -4,28 +4,25 @@
     python -m training.train_qformer configs/tiny/stage1.yaml --max_steps 100 --output_dir outputs/q
 
 Evaluation reports retrieval Recall@1/5/10 both ways on the evaluation split; checkpoints resume with
-`--resume_from_checkpoint`; `--push_to_hub` uploads the model, its code, its processor and a model card.
+`--resume_from_checkpoint`; every saved folder gets the model card; `--push_to_hub` uploads the model, its code,
+its processor and the card.
 """
-
-import logging
 
 import torch
 from transformers import EvalPrediction, TrainingArguments
 
-import modeling  # noqa: F401  (registers the models with the Auto classes and for code shipping)
+from cli import run_command
 from eval.retrieval import retrieval_metrics
-from modeling.presets import build_pretrained_qformer, build_tiny_qformer, load_qformer
+from modeling.qformer_losses import query_text_similarity
 
 from .arguments import DataArguments, QFormerModelArguments
+from .checkpoints import resolve_resume_checkpoint
 from .collators import ContrastiveCollator
 from .device_normalize import DeviceNormalizeMixin
 from .feature_cache import with_feature_cache
-from .losses import query_text_similarity
-from .model_card import ModelCardTrainerMixin
-from .stage_runner import prepare_stage, run_stage, start_stage
-from .trainer import ParamGroupTrainer
-
-logger = logging.getLogger(__name__)
+from .models import build_stage1_model, log_parameter_count
+from .stage import load_splits, run_stage, start_stage, text_corpus
+from .trainer import ModelCardTrainerMixin, ParamGroupTrainer
 
 # Weights that a pretrained preset copies from its vision and text checkpoints (not the new cross-attention,
 # queries or heads): they train at `pretrained_lr_ratio` times the learning rate.
@@ -61,55 +58,36 @@ def retrieval_compute_metrics(similarity_mode: str):
     return compute
 
 
-def build_model(model_args: QFormerModelArguments, corpus: list[str], resume_from: str | None):
-    config_kwargs = {
-        "num_query_tokens": model_args.num_query_tokens,
-        "embed_dim": model_args.embed_dim,
-        "freeze_vision": model_args.freeze_vision,
-        "itc_similarity": model_args.itc_similarity,
-        "temperature": model_args.temperature,
-        "itm_weight": model_args.itm_weight,
-        "vision_position_codes": model_args.vision_position_codes,
-    }
-    if model_args.model_name_or_path:
-        return load_qformer(model_args.model_name_or_path)
-    if model_args.vision_model_name_or_path and model_args.text_model_name_or_path:
-        return build_pretrained_qformer(
-            model_args.vision_model_name_or_path,
-            model_args.text_model_name_or_path,
-            qformer_config=model_args.qformer_config,
-            **config_kwargs,
-        )
-    model, processor = build_tiny_qformer(
-        corpus,
-        vision=model_args.vision_config,
-        qformer=model_args.qformer_config,
-        text_vocab_size=model_args.text_vocab_size,
-        **config_kwargs,
-    )
-    if resume_from is not None:
-        # The tokenizer was trained at the start of the interrupted run; the checkpoint holds that exact one.
-        _, processor = load_qformer(resume_from)
-    return model, processor
-
-
 def build_trainer(
     model_args: QFormerModelArguments, data_args: DataArguments, training_args: TrainingArguments
 ) -> tuple[QFormerTrainer, str | None]:
-    """The stage-1 Trainer exactly as `main` runs it, and the checkpoint it resumes from (tests inspect both)."""
-    # The collator's group ids are the labels evaluation needs (retrieval credits duplicates by them).
-    resume_from, train_dataset, eval_dataset, model, processor = prepare_stage(
-        model_args, data_args, training_args, ["group_ids"], build_model, "stage-1")
+    """Data, model, batches and the Trainer, exactly as `main` runs them; also the checkpoint to resume from."""
+    # The checkpoint to resume from, if any (first: a wrong --resume_from_checkpoint fails before any work).
+    resume_from = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
 
-    pretrained = bool(model_args.vision_model_name_or_path and model_args.text_model_name_or_path)
-    pretrained_lr = training_args.learning_rate * model_args.pretrained_lr_ratio
-    lr_rules = [(PRETRAINED_WEIGHTS, pretrained_lr)] if pretrained else []
+    # Data: the training and evaluation splits.
+    train_dataset, eval_dataset = load_splits(data_args, training_args.seed)
+
+    # Model: saved, pretrained encoders or the tiny preset (resuming, with the checkpoint's own tokenizer).
+    model, processor = build_stage1_model(model_args, text_corpus(train_dataset), resume_from)
+    log_parameter_count(model, "stage-1")
+
+    # Batches: images, captions, duplicate-aware group ids (and hard-negative captions); checked against the data
+    # now, not at the batch that would fail.
     collator = ContrastiveCollator(processor, data_args.max_caption_length, data_args.hard_negatives,
                                    pixel_format=data_args.pixel_format)
+    collator.check_dataset(train_dataset, "the training data")
     if data_args.feature_cache:
         collator, train_dataset, eval_dataset = with_feature_cache(
             collator, (train_dataset, eval_dataset), data_args.feature_cache, model, processor.image_processor,
             training_args.bf16)
+
+    # Trainer: the collator's group ids are the labels evaluation needs (retrieval credits duplicates by them);
+    # pretrained weights train at their own learning rate.
+    training_args.remove_unused_columns = False
+    training_args.label_names = ["group_ids"]
+    pretrained = bool(model_args.vision_model_name_or_path and model_args.text_model_name_or_path)
+    pretrained_lr = training_args.learning_rate * model_args.pretrained_lr_ratio
     trainer = QFormerTrainer(
         model=model,
         args=training_args,
@@ -118,18 +96,23 @@ def build_trainer(
         data_collator=collator,
         processing_class=processor,
         compute_metrics=retrieval_compute_metrics(model.config.itc_similarity),
-        param_group_lrs=lr_rules,
+        param_group_lrs=[(PRETRAINED_WEIGHTS, pretrained_lr)] if pretrained else [],
     )
+    trainer.card_info = {
+        "dataset": data_args.train_data,
+        "base_models": [model_args.vision_model_name_or_path, model_args.text_model_name_or_path],
+    }
     return trainer, resume_from
 
 
 def main(argv: list[str] | None = None) -> dict:
+    # Arguments, logging, seed.
     model_args, data_args, training_args = start_stage(QFormerModelArguments, argv)
+    # Data, model, Trainer.
     trainer, resume_from = build_trainer(model_args, data_args, training_args)
-    card = {"finetuned_from": model_args.text_model_name_or_path, "tasks": "image-text retrieval",
-            "dataset": data_args.train_data}
-    return run_stage(trainer, training_args, resume_from, trainer.save_model, card)
+    # Train, evaluate, save (model, processor, card), push.
+    return run_stage(trainer, training_args, resume_from, trainer.save_model)
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

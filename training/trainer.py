@@ -1,13 +1,17 @@
-"""The Trainer subclass both stages share: parameter groups with their own learning rates."""
+"""What both stages' Trainers share: parameter groups with their own learning rates, and the model card in every
+saved folder."""
 
 import copy
 import logging
 import os
 import re
 from collections.abc import Sequence
+from pathlib import Path
 
 from transformers import PreTrainedModel, Trainer
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
+
+from eval.model_card import write_model_card
 
 logger = logging.getLogger(__name__)
 
@@ -75,3 +79,63 @@ class ParamGroupTrainer(Trainer):
         # strict: a weight the file does not hold is an error here, never a silently kept initial value.
         model.load_state_dict(loaded.state_dict(), strict=True)
         return True
+
+
+class ModelCardTrainerMixin:
+    """Trainer mixin: our card in every folder the Trainer saves a model to, and in what `push_to_hub` uploads.
+
+    `card_info` (set by the script) gives the base models and the dataset; `card_samples` sample outputs.
+    """
+
+    card_info: dict | None = None
+    card_samples: list[tuple[str, str]] | None = None
+
+    def card_model(self):
+        """The `PreTrainedModel` being trained (the VLM inside a peft or DDP wrapper)."""
+        model = self.accelerator.unwrap_model(self.model)
+        model = getattr(model, "base_model", model)
+        return getattr(model, "model", model)
+
+    def card_training_rows(self) -> list[list]:
+        args, state = self.args, self.state
+        batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+        precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+        return [
+            ["data", (self.card_info or {}).get("dataset", "?")],
+            ["steps", state.global_step],
+            ["batch size", f"{batch} ({args.per_device_train_batch_size} per device x "
+                           f"{args.gradient_accumulation_steps} accumulation steps x {args.world_size} processes)"],
+            ["learning rate", f"{args.learning_rate:g}, {getattr(args.lr_scheduler_type, 'value', '?')} schedule, "
+                              f"{args.warmup_steps} warmup steps, weight decay {args.weight_decay:g}"],
+            ["precision", precision],
+            ["seed", args.seed],
+        ]
+
+    def write_card(self, folder: str | os.PathLike, adapter: bool = False) -> Path:
+        evaluations = [entry for entry in self.state.log_history if any(k.startswith("eval_") for k in entry)]
+        # The scores of the last evaluation; its timings say nothing about the model.
+        metrics = {k: v for k, v in (evaluations[-1] if evaluations else {}).items()
+                   if k.startswith("eval_") and not k.endswith(("_runtime", "_per_second"))}
+        info = self.card_info or {}
+        repo = self.args.hub_model_id or Path(self.args.output_dir).name
+        return write_model_card(
+            folder, self.card_model(), repo=repo, training=self.card_training_rows(), metrics=metrics,
+            samples=self.card_samples, base_models=info.get("base_models", ()), dataset=info.get("dataset"),
+            adapter=adapter,
+        )
+
+    def create_model_card(self, *args, **kwargs):
+        # Replaces the Trainer's own draft (its "More information needed" sections); called by push_to_hub too.
+        if self.is_world_process_zero():
+            self.write_card(self.args.output_dir)
+
+    def _save(self, output_dir: str | None = None, state_dict=None):
+        super()._save(output_dir, state_dict)
+        if self.args.should_save:
+            self.write_card(output_dir or self.args.output_dir)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        # Pushes during training (hub_strategy) upload the output folder, not the checkpoint: card it first.
+        if self.is_world_process_zero():
+            self.write_card(self.args.output_dir)
+        super()._push_from_checkpoint(checkpoint_folder)

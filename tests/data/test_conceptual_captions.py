@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from cli import UserError
 from data.conceptual_captions import build_url_parquet, main
 
 KEEP = [
@@ -75,7 +76,7 @@ def test_missing_column_is_named(local_parquet: Path, tmp_path: Path) -> None:
 
 def test_offline_hub_fails_with_advice(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # fail fast, never touch the network
-    with pytest.raises(RuntimeError, match=r"could not load 'google-research-datasets/conceptual_captions'.*local"):
+    with pytest.raises(UserError, match=r"could not load 'google-research-datasets/conceptual_captions'.*local"):
         build_url_parquet(tmp_path / "out.parquet")
     assert not (tmp_path / "out.parquet").exists()
 

@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from cli import UserError
 from data.download import SUMMARY_RELATIVE_PATH, download_images, main
 
 from .conftest import EXPECTED_FAILURES, read_tar
@@ -54,7 +55,7 @@ def test_overwrite_mode_is_refused(tmp_path) -> None:
 
 
 def test_missing_url_list_says_how_to_build_one(tmp_path) -> None:
-    with pytest.raises(FileNotFoundError, match="data.conceptual_captions"):
+    with pytest.raises(UserError, match="data.conceptual_captions"):
         download_images(tmp_path / "nothing.parquet", tmp_path / "out")
 
 

@@ -16,11 +16,12 @@ from datasets import Dataset, Features, List, Value
 from datasets import Image as ImageFeature
 from PIL import Image
 
+from cli import UserError
 from data import sanitize
 from data.cleaning import QA_DROPPED
 from data.loading import OUTPUT_FEATURES, load_image_text_dataset, split_train_eval
-from data.report import SkipReport
 from data.shard_writer import ShardWriter
+from data.skip_report import SkipReport
 from data.synthetic import make_sample
 from data.tar_shards import SHARD_DAMAGED, SHARD_EMPTY, SHARD_MISSING
 
@@ -246,7 +247,7 @@ def test_saved_dataset_with_custom_columns(tmp_path: Path) -> None:
     assert report.skipped == {sanitize.CAPTION_MISSING: 1}
     with pytest.raises(ValueError, match=r"caption column 'nope' not found .* columns are: picture, sentences"):
         load_image_text_dataset(source, caption_column="nope")
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(UserError, match="no such file or folder"):
         load_image_text_dataset(str(tmp_path / "no" / "such" / "folder"))
 
 

@@ -18,7 +18,7 @@ STAGE2 = ["bleu_4", "cider", "cider_shuffled", "vqa_accuracy", "vqa_accuracy_by_
 @pytest.fixture(scope="module")
 def demo_out(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    cmd = [sys.executable, "-m", "training.demo", "--out", str(out), "--train", "400", "--validation", "48",
+    cmd = [sys.executable, "-m", "demo", "--out", str(out), "--train", "400", "--validation", "48",
            "--stage1-steps", "40", "--stage2-steps", "30", "--extra", "--per_device_train_batch_size", "32",
            "--logging_steps", "10", "--max_eval_samples", "48"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)

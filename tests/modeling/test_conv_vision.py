@@ -36,7 +36,7 @@ def test_vit_patch_tokens_get_position_codes_when_asked(shape_images):
     pixels = processor(images=shape_images, return_tensors="pt")["pixel_values"]
     features = model.get_vision_features(pixels)
     raw = model.vision_model(pixel_values=pixels).last_hidden_state
-    # 32 px / patch 8 (the tiny ViT default) -> a 4x4 grid after the class token, which gets no code.
+    # 32 px / patch 8 (the test model's) -> a 4x4 grid after the class token, which gets no code.
     expected = torch.cat([torch.zeros(1, 32), sincos_positions_2d(4, 4, 32)])
     torch.testing.assert_close(features - raw, expected.expand(len(shape_images), -1, -1))
 

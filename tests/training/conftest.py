@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from data.synthetic import generate_dataset
+from tests.training.frozen_models import make_rows
 from tests.training.launch import (
     LEARNABLE,
     LEARNABLE_QFORMER,
@@ -40,3 +41,9 @@ def trained_stage1(shapes_data, tmp_path_factory) -> tuple[Path, str]:
     )  # fmt: skip
     output = run("training.train_qformer", args, out.parent / "stage1.log")
     return out, output
+
+
+@pytest.fixture
+def rows():
+    """Four loader-style rows (see frozen_models.make_rows)."""
+    return make_rows()

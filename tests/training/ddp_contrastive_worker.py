@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from training.losses import contrastive_loss, gather_with_grad, sample_itm_negatives
+from modeling.qformer_losses import contrastive_loss, gather_with_grad, sample_itm_negatives
 
 GLOBAL_BATCH, PIXEL_DIM, TOKEN_DIM, NUM_QUERIES, WIDTH, NUM_NEGATIVES = 8, 6, 5, 3, 4, 2
 # Pairs 1 and 5 repeat one caption across the two ranks (the case that needs the gathered ids);

@@ -18,11 +18,13 @@ STAGE1_YAML = REPO / "configs/tiny/stage1.yaml"
 STAGE2_YAML = REPO / "configs/tiny/stage2.yaml"
 TIMEOUT_S = 240
 
-# Sizes small enough that a step takes milliseconds; dropout stays on (resume must restore the RNG streams).
+# Sizes small enough that a step takes milliseconds; dropout stays on (resume must restore the RNG streams), and
+# transformers' initialisation (std 0.02) rather than the tiny preset's wider one.
 SMALL_VISION = {"image_size": 32, "patch_size": 8, "hidden_size": 32, "num_hidden_layers": 1,
-                "num_attention_heads": 2, "intermediate_size": 64}
+                "num_attention_heads": 2, "intermediate_size": 64, "initializer_range": 0.02}
 SMALL_QFORMER = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
-                 "cross_attention_frequency": 1, "max_position_embeddings": 64}
+                 "cross_attention_frequency": 1, "max_position_embeddings": 64, "initializer_range": 0.02,
+                 "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1}
 SMALL_LM = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
             "num_key_value_heads": 2}
 

@@ -11,7 +11,7 @@ from modeling.presets import build_vlm
 from tests.conftest import tiny_qformer_and_processor
 from tests.helpers import TINY_LM
 from training.collators import CaptioningCollator, ContrastiveCollator
-from training.data_setup import text_corpus
+from training.stage import text_corpus
 
 NUM_ROWS = 6
 

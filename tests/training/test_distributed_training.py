@@ -24,7 +24,7 @@ from tests.training.launch import (
     trainer_state,
 )
 from training.collators import ContrastiveCollator
-from training.data_setup import text_corpus
+from training.stage import text_corpus
 
 WORLD_SIZE, LOCAL_BATCH, HARD_NEGATIVES = 2, 4, 2
 TOLERANCE = 1e-5

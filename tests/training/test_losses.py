@@ -1,10 +1,10 @@
-"""training.losses in one process, against formulas written out by hand here."""
+"""modeling.qformer_losses in one process, against formulas written out by hand here."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from training.losses import (
+from modeling.qformer_losses import (
     contrastive_loss,
     gather_with_grad,
     itm_loss,

@@ -14,6 +14,7 @@ import pytest
 import torch
 from transformers import AutoModel, TrainingArguments
 
+from cli import UserError
 from tests.training.launch import (
     TIMEOUT_S,
     logged_losses,
@@ -107,6 +108,8 @@ def test_stage1_resumed_run_matches_the_uninterrupted_run(stage1_resume):
     assert difference <= WEIGHT_TOLERANCE
     assert [step for step, _ in expected] == list(range(1, STEPS + 1))
     assert losses == expected
+    # Every checkpoint is a model folder with its card, written when it was saved.
+    assert "| steps | 4 |" in (reference / "checkpoint-4" / "README.md").read_text()
 
 
 @pytest.mark.parametrize("which", [0, 1], ids=["no-trainer-state", "truncated-trainer-state"])
@@ -118,7 +121,7 @@ def test_an_explicit_incomplete_checkpoint_is_refused_with_a_clear_error(stage1_
 
 def test_resume_true_without_any_checkpoint_says_where_it_looked(shapes_data, tmp_path):
     empty = tmp_path / "never_trained"
-    with pytest.raises(FileNotFoundError, match=f"no complete checkpoint in {empty}"):
+    with pytest.raises(UserError, match=f"no complete checkpoint in {empty}"):
         train_qformer.main([*stage1_args(shapes_data, empty), "--resume_from_checkpoint", "true"])
 
 

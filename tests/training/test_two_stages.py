@@ -59,7 +59,9 @@ def test_stage1_loss_falls_and_retrieval_metrics_are_logged(trained_stage1):
     assert evaluations[-1]["eval_loss"] < evaluations[0]["eval_loss"]
     final = json.loads((out / "eval_results.json").read_text())
     assert set(RETRIEVAL_KEYS) <= final.keys()
-    assert "eval_t2i_r1" in (out / "README.md").read_text()  # the model card carries the metrics
+    card = (out / "README.md").read_text()
+    assert "| eval_t2i_r1 |" in card and "| steps | 40 |" in card  # the model card carries the metrics
+    assert "More information needed" not in card  # ours, not the Trainer's draft
 
 
 def test_stage2_loss_falls_and_eval_loss_and_captions_are_logged(trained_stage2):
@@ -73,13 +75,16 @@ def test_stage2_loss_falls_and_eval_loss_and_captions_are_logged(trained_stage2)
     for step in (20, 40):
         assert f"sample captions at step {step}:" in output
     assert output.count("generated:") >= 2 * 4  # four fixed images per evaluation
-    assert "### Sample outputs" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "## Sample outputs" in card and "| eval_loss |" in card
 
 
 def test_lora_stage2_writes_the_adapter_and_a_merged_model_without_lora_weights(lora_stage2, trained_stage2):
     out, _ = lora_stage2
     adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     assert (out / "adapter" / "adapter_config.json").is_file()
+    card = (out / "adapter" / "README.md").read_text()  # our card replaced peft's template
+    assert "library_name: peft" in card and "More Information Needed" not in card and "LoRA adapter" in card
     lora_b = {name: tensor for name, tensor in adapter.items() if "lora_B" in name}
     assert lora_b and any(name.replace("lora_B", "lora_A") in adapter for name in lora_b)
     # lora_B starts at zero: non-zero means training reached the adapter, so the merge has something to merge.

@@ -1,13 +1,14 @@
 """The YAML/CLI switches reach the real training scripts: a feature cache built by its command, then read by a
 stage-1 and a stage-2 run; uint8 pixels normalised in the Trainer."""
 
-import json
 import math
 
 import pytest
 
+from cli import UserError
 from data.synthetic import generate_dataset
 from tests.helpers import REPO
+from tests.training.launch import as_cli
 from training import feature_cache, train_qformer, train_vlm
 
 VISION = {"image_size": 32, "patch_size": 8, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
@@ -16,17 +17,6 @@ QFORMER = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, 
            "cross_attention_frequency": 1, "max_position_embeddings": 64}
 LM = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
       "num_key_value_heads": 2}
-
-
-def cli(fields: dict) -> list[str]:
-    args = []
-    for name, value in fields.items():
-        if isinstance(value, dict):
-            value = json.dumps(value)
-        elif isinstance(value, bool):
-            value = str(value).lower()
-        args += [f"--{name}", str(value)]
-    return args
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +32,7 @@ def stage1(shards, out, **overrides) -> list[str]:
               "freeze_vision": True, "hard_negatives": 0, "per_device_train_batch_size": 8,
               "per_device_eval_batch_size": 8, "max_eval_samples": 8, "max_steps": 2, "warmup_steps": 0,
               "logging_steps": 1, "disable_tqdm": True, **overrides}
-    return [str(REPO / "configs/tiny/stage1.yaml"), *cli(fields)]
+    return [str(REPO / "configs/tiny/stage1.yaml"), *as_cli(fields)]
 
 
 def stage2(shards, qformer, out, **overrides) -> list[str]:
@@ -50,7 +40,7 @@ def stage2(shards, qformer, out, **overrides) -> list[str]:
               "lm_config": LM, "lm_vocab_size": 300, "qa_turns": 1, "per_device_train_batch_size": 8,
               "per_device_eval_batch_size": 8, "max_eval_samples": 4, "max_steps": 2, "warmup_steps": 0,
               "logging_steps": 1, "disable_tqdm": True, **overrides}
-    return [str(REPO / "configs/tiny/stage2.yaml"), *cli(fields)]
+    return [str(REPO / "configs/tiny/stage2.yaml"), *as_cli(fields)]
 
 
 def test_feature_cache_and_uint8_pixels_from_the_config(shards, tmp_path):
@@ -77,5 +67,5 @@ def test_a_cache_of_another_encoder_is_refused(shards, tmp_path):
     cache = tmp_path / "cache"
     feature_cache.main(["qformer", *stage1(shards, tmp_path / "unused", feature_cache=cache)])
     other_vision = {**VISION, "layer_norm_eps": 1e-6}
-    with pytest.raises(FileNotFoundError, match="built for another encoder"):
+    with pytest.raises(UserError, match="built for another encoder"):
         train_qformer.main(stage1(shards, tmp_path / "q", feature_cache=cache, vision_config=other_vision))

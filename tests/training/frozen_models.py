@@ -1,13 +1,12 @@
 """Tiny models with every dropout off (so two paths see identical computations) and rows shaped like the loader's."""
 
-import pytest
 import torch
 from PIL import Image, ImageDraw
 
 from modeling.presets import build_tiny_qformer, build_vlm
 from tests.helpers import TINY_CORPUS, TINY_LM
 
-VISION = {"image_size": 32, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+VISION = {"image_size": 32, "patch_size": 8, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
           "intermediate_size": 64}
 QFORMER = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
            "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
@@ -40,8 +39,3 @@ def make_rows(count: int = 4) -> list[dict]:
             "qa": [{"question": "what color is the circle?", "answer": "red", "type": "color"}],
         })
     return rows
-
-
-@pytest.fixture
-def rows():
-    return make_rows()

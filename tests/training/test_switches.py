@@ -11,7 +11,7 @@ from modeling.modeling_vlm import add_lora
 from training.collators import CaptioningCollator, ContrastiveCollator
 from training.device_normalize import DeviceNormalizeMixin, pixel_batch
 
-from .conftest import frozen_qformer, frozen_vlm
+from .frozen_models import frozen_qformer, frozen_vlm
 
 TIGHT = {"rtol": 1e-5, "atol": 1e-6}
 BF16 = {"rtol": 3e-2, "atol": 3e-2}

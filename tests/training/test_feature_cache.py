@@ -7,6 +7,7 @@ import datasets
 import pytest
 import torch
 
+from cli import UserError
 from modeling.presets import tiny_image_processor
 from training.collators import CaptioningCollator, ContrastiveCollator
 from training.feature_cache import (
@@ -19,7 +20,7 @@ from training.feature_cache import (
     with_feature_cache,
 )
 
-from .conftest import frozen_qformer, frozen_vlm, make_rows
+from .frozen_models import frozen_qformer, frozen_vlm, make_rows
 
 TIGHT = {"rtol": 1e-5, "atol": 1e-6}
 
@@ -100,7 +101,7 @@ def test_a_stale_cache_is_not_used(rows, tmp_path):
     build(model, processor, rows, tmp_path, dtype=torch.bfloat16)
     changed = copy.deepcopy(processor.image_processor)
     changed.image_std = [0.25, 0.25, 0.25]
-    with pytest.raises(FileNotFoundError, match="built for another encoder"):
+    with pytest.raises(UserError, match="built for another encoder"):
         FeatureCache.open(tmp_path, model, changed)
     # Building for the new processor makes a second cache beside the first, with other features.
     fresh = build_feature_cache(model, changed, [as_dataset(rows)], tmp_path)
@@ -114,7 +115,7 @@ def test_an_interrupted_build_is_not_a_cache(rows, tmp_path):
     model, processor = frozen_qformer()
     cache = build(model, processor, rows, tmp_path)
     (cache.path / "index.json").unlink()
-    with pytest.raises(FileNotFoundError, match="build it with"):
+    with pytest.raises(UserError, match="build it with"):
         FeatureCache.open(tmp_path, model, processor.image_processor, dtype=torch.float32)
 
 
@@ -122,7 +123,7 @@ def test_unknown_samples_and_trainable_encoders_are_refused(rows, tmp_path):
     model, processor = frozen_qformer()
     cache = build(model, processor, rows[:2], tmp_path)
     raw = decoded_and_raw(rows)[1]
-    with pytest.raises(KeyError, match="rebuild it"):
+    with pytest.raises(UserError, match="rebuild it"):
         cache.features([image_id(raw[3]["image"])])
     with pytest.raises(TypeError, match="undecoded images"):
         FeatureCacheCollator(ContrastiveCollator(processor, pixel_format="none"), cache)(rows[:2])

@@ -1,0 +1,1 @@
+"""Measurements, not tests: throughput against the original recipe and data-loading speed (see README.md here)."""

@@ -1,0 +1,111 @@
+"""The steps every training stage shares, in the order its script runs them.
+
+1. `start_stage`: arguments (YAML file + command line), logging, seed.
+2. `load_splits`: the training and evaluation splits through the one loading path (`data.loading`), bad samples
+   counted and logged; `text_corpus`: the texts a tiny preset's tokenizers are trained on.
+3. (each script: its model, batches and Trainer)
+4. `run_stage`: train (resuming if asked), evaluate, save (with the model card), push to the Hub if asked.
+
+The training scripts, the feature-cache command and the demo all start through here.
+"""
+
+import logging
+import sys
+from collections.abc import Callable
+
+import transformers
+from datasets import Dataset
+from transformers import Trainer, TrainingArguments, set_seed
+
+from data.loading import SkipReport, load_image_text_dataset, split_train_eval
+
+from .arguments import DataArguments, parse_args
+
+logger = logging.getLogger(__name__)
+
+
+def configure_logging(training_args: TrainingArguments) -> None:
+    """Readable logs on stdout from the main process, warnings only elsewhere; transformers' own chatter at warning
+    level. stderr is left to progress bars and errors."""
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=logging.INFO if training_args.should_log else logging.WARNING,
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    transformers.utils.logging.set_verbosity(logging.WARNING)
+
+
+def start_stage(model_arguments_class: type, argv: list[str] | None):
+    """Every stage's opening: model, data and training arguments from YAML + command line, logging, seed."""
+    model_args, data_args, training_args = parse_args((model_arguments_class, DataArguments, TrainingArguments), argv)
+    configure_logging(training_args)
+    set_seed(training_args.seed)
+    return model_args, data_args, training_args
+
+
+def load_splits(data_args: DataArguments, seed: int) -> tuple[Dataset, Dataset]:
+    """The train split and the evaluation split (`eval_data`, or a duplicate-safe hold-out of `train_data`).
+
+    Bad samples are dropped by the loader, counted by reason and logged here.
+    """
+    report = SkipReport()
+    columns = {"image_column": data_args.image_column, "caption_column": data_args.caption_column}
+    if data_args.eval_data:
+        train = load_image_text_dataset(data_args.train_data, split="train", report=report, **columns)
+        evaluation = load_image_text_dataset(data_args.eval_data, split="validation", report=report, **columns)
+    else:
+        full = load_image_text_dataset(data_args.train_data, split="train", report=report, **columns)
+        parts = split_train_eval(full, eval_size=data_args.eval_size, seed=seed)
+        train, evaluation = parts["train"], parts["eval"]
+    report.log(logger, prefix="data: ")
+    if data_args.max_train_samples is not None:
+        train = train.select(range(min(data_args.max_train_samples, len(train))))
+    if data_args.max_eval_samples is not None:
+        evaluation = evaluation.select(range(min(data_args.max_eval_samples, len(evaluation))))
+    logger.info("%d training and %d evaluation samples", len(train), len(evaluation))
+    return train, evaluation
+
+
+def text_corpus(dataset: Dataset) -> list[str]:
+    """Every caption, reference, question and answer: what a tiny preset's tokenizers are trained on."""
+    texts = []
+    for row in dataset.select_columns(["caption", "references", "qa", "negative_captions"]):
+        texts.append(row["caption"])
+        texts.extend(row["references"])
+        texts.extend(row["negative_captions"])
+        for pair in row["qa"]:
+            texts.extend((pair["question"], pair["answer"]))
+    return texts
+
+
+def run_stage(
+    trainer: Trainer,
+    training_args: TrainingArguments,
+    resume_from: str | None,
+    save_outputs: Callable[[], None],
+) -> dict:
+    """Trains (resuming from `resume_from`), evaluates, calls `save_outputs` on every process (saving may need all
+    of them, e.g. under DeepSpeed; it writes the model card with the model), then pushes the output folder to the
+    Hub when `push_to_hub` is set.
+
+    Returns the train and eval metrics, also saved as `train_results.json`/`eval_results.json`.
+    """
+    metrics = {}
+    if training_args.do_train:
+        result = trainer.train(resume_from_checkpoint=resume_from)
+        trainer.save_state()
+        metrics.update(result.metrics)
+        trainer.log_metrics("train", result.metrics)
+        trainer.save_metrics("train", result.metrics)
+    if training_args.do_eval:
+        eval_metrics = trainer.evaluate()
+        metrics.update(eval_metrics)
+        trainer.log_metrics("eval", eval_metrics)
+        trainer.save_metrics("eval", eval_metrics)
+    save_outputs()
+    if training_args.push_to_hub:
+        trainer.push_to_hub()
+    return metrics
+
+
+__all__ = ["configure_logging", "load_splits", "run_stage", "start_stage", "text_corpus"]
