@@ -10,6 +10,7 @@ from PIL import Image
 from data.loading import load_image_text_dataset
 from data.synthetic import write_split
 from eval.__main__ import main
+from eval.model_card import write_model_card
 from eval.retrieval import evaluate_retrieval, retrieval_metrics
 from eval.run import QFORMER_TOKENIZER_SUBFOLDER, load_rows
 from tests.conftest import tiny_qformer_and_processor, tiny_vlm_and_processor
@@ -61,6 +62,7 @@ def test_vlm_gets_captioning_vqa_retrieval_and_curves(shapes_dir, tmp_path):
     folder = tmp_path / "vlm"
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
+    write_model_card(folder, model, repo="vlm", metrics={"eval_loss": 1.2})  # as training leaves it
     _, qformer_processor = tiny_qformer_and_processor()
     qformer_processor.tokenizer.save_pretrained(folder / QFORMER_TOKENIZER_SUBFOLDER)
     # A Trainer state as `Trainer.save_state` writes it (only the part the report reads).
@@ -70,7 +72,8 @@ def test_vlm_gets_captioning_vqa_retrieval_and_curves(shapes_dir, tmp_path):
 
     out = tmp_path / "report"
     metrics = main(["--model", str(folder), "--data", str(shapes_dir), "--split", "validation", "--out", str(out),
-                    "--max-samples", "6", "--batch-size", "4", "--max-new-tokens", "6", "--meteor", "off"])
+                    "--max-samples", "6", "--batch-size", "4", "--max-new-tokens", "6", "--meteor", "off",
+                    "--update-card"])
     assert set(metrics) == {"meta", "captioning", "captioning_shuffled", "caption_scene", "caption_scene_shuffled",
                             "vqa", "retrieval"}
     assert metrics["meta"]["num_samples"] == 6 and metrics["retrieval"]["num_pairs"] == 6
@@ -87,6 +90,8 @@ def test_vlm_gets_captioning_vqa_retrieval_and_curves(shapes_dir, tmp_path):
         assert png.size == (1280, 800)
     for name in ("captions.csv", "captions_shuffled.csv", "vqa.csv"):
         assert len((out / name).read_text().splitlines()) > 1, name
+    card = (folder / "README.md").read_text()  # --update-card: the report's tables replace the Trainer's numbers
+    assert "### Captioning" in card and "CIDEr-D" in card and "| **all** |" in card and "eval_loss" not in card
 
 
 def test_retrieval_reads_a_datasets_dataset_like_a_list_of_rows(shapes_dir, tmp_path):
