@@ -274,7 +274,8 @@ def _type_problem(value, annotation) -> str | None:
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         problems = [_type_problem(value, arg) for arg in typing.get_args(annotation)]
-        return None if None in problems else " or ".join(dict.fromkeys(p for p in problems if p))
+        # "null" (for a field that may be unset) goes without saying.
+        return None if None in problems else " or ".join(dict.fromkeys(p for p in problems if p != "null"))
     if annotation is type(None):
         return None if value is None else "null"
     if origin is Literal:
@@ -333,7 +334,7 @@ def read_yaml_config(path: Path, dataclass_types: tuple) -> dict:
     for name, value in values.items():
         where = f"{path} line {lines.get(name, '?')}"
         if name not in hints:
-            raise UserError(f"{where}: unknown field {name!r}{closest(name, hints)}; --help lists the fields")
+            raise UserError(f"{where}: unknown field {name!r}{closest(name, hints)}; the script's --help lists them")
         problem = _type_problem(value, hints[name])
         if problem:
             raise UserError(f"{where}: {name} must be {problem}, got {value!r}")
@@ -347,7 +348,8 @@ def parse_args(dataclass_types: tuple, argv: list[str] | None = None) -> tuple:
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     # Exact option names only: argparse would take `--max_step` for `--max_steps`, and a typo for another option.
-    parser = _Parser(dataclass_types, allow_abbrev=False)
+    script = "train_vlm" if VLMModelArguments in dataclass_types else "train_qformer"
+    parser = _Parser(dataclass_types, prog=f"python -m training.{script}", allow_abbrev=False)
     if argv and not argv[0].startswith("-"):
         path = Path(argv.pop(0))
         if path.suffix not in (".yaml", ".yml"):
@@ -365,7 +367,9 @@ def parse_args(dataclass_types: tuple, argv: list[str] | None = None) -> tuple:
     except (ValueError, TypeError) as err:  # a dataclass refused a combination of values (e.g. TrainingArguments)
         raise UserError(str(err)) from None
     if unknown:
-        raise UserError(f"{unknown_flags_message(unknown, parser._option_string_actions)}; --help lists the options")
+        raise UserError(
+            f"{unknown_flags_message(unknown, parser._option_string_actions)}; `{parser.prog} --help` lists the options"
+        )
     for arguments in parsed:
         if isinstance(arguments, TrainingArguments):
             check_training_arguments(arguments)
