@@ -77,6 +77,7 @@ def build_trainer(
     collator = ContrastiveCollator(processor, data_args.max_caption_length, data_args.hard_negatives,
                                    pixel_format=data_args.pixel_format)
     collator.check_dataset(train_dataset, "the training data")
+    collator.check_dataset(eval_dataset, "the evaluation data")  # its loss uses the same negatives
     if data_args.feature_cache:
         collator, train_dataset, eval_dataset = with_feature_cache(
             collator, (train_dataset, eval_dataset), data_args.feature_cache, model, processor.image_processor,
