@@ -1,9 +1,11 @@
+import huggingface_hub
 import pytest
 import torch
+import transformers.utils.hub as transformers_hub
 
 import modeling  # noqa: F401  (registers the Auto classes)
 from modeling.presets import build_tiny_qformer, build_vlm
-from tests.helpers import TINY_CORPUS, TINY_LM
+from tests.helpers import TINY_CORPUS, TINY_LM, FolderHub
 
 torch.set_num_threads(2)
 
@@ -48,3 +50,13 @@ def shape_images():
         ImageDraw.Draw(img).ellipse([4 + i * 3, 4, 20 + i * 3, 20], fill=colour)
         images.append(img)
     return images
+
+
+@pytest.fixture
+def folder_hub(tmp_path, monkeypatch):
+    """The Hub's HTTP API replaced by folders under tmp_path/hub (see `FolderHub`)."""
+    hub = FolderHub(tmp_path / "hub")
+    monkeypatch.setattr(transformers_hub, "_hf_api", hub)
+    # The model-card lookup must not reach for the network either: offline, a missing card is made from a template.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    return hub

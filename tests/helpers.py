@@ -4,7 +4,11 @@ import os
 import subprocess
 import sys
 import textwrap
+from concurrent.futures import Future
 from pathlib import Path
+
+import huggingface_hub
+from huggingface_hub import CommitOperationAdd, HfApi, RepoUrl
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,3 +56,43 @@ TINY_CORPUS = [
 ]
 
 TINY_LM = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2, "num_key_value_heads": 2}
+
+
+class FolderHub(HfApi):
+    """The network boundary: repositories are folders, commits copy their files there and are recorded."""
+
+    def __init__(self, root: Path):
+        super().__init__()
+        self.root = root
+        self.uploaded: dict[str, list[str]] = {}
+
+    def create_repo(self, repo_id, **kwargs):
+        (self.root / repo_id).mkdir(parents=True, exist_ok=True)
+        return RepoUrl(f"{huggingface_hub.constants.ENDPOINT}/{repo_id}")
+
+    def _validate_yaml(self, content, repo_type=None, token=None):
+        # The Hub checks a model card's metadata before an upload_folder; here its YAML must at least parse.
+        huggingface_hub.ModelCard(content, ignore_metadata_errors=False)
+
+    def upload_folder(self, *, repo_id, folder_path, path_in_repo=None, allow_patterns=None, ignore_patterns=None,
+                      run_as_future=False, **kwargs):
+        # huggingface_hub's own choice of files (patterns, the card check), committed here without the network.
+        additions = self._prepare_upload_folder_additions(
+            folder_path, path_in_repo or "", allow_patterns=allow_patterns, ignore_patterns=ignore_patterns,
+            repo_type=None, token=None,
+        )
+        self.create_commit(repo_id, additions)
+        if run_as_future:  # the Trainer's pushes during training wait on a future
+            done = Future()
+            done.set_result(None)
+            return done
+        return None
+
+    def create_commit(self, repo_id, operations, **kwargs):
+        for op in operations:
+            assert isinstance(op, CommitOperationAdd), op
+            target = self.root / repo_id / op.path_in_repo
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(Path(op.path_or_fileobj).read_bytes())
+            self.uploaded.setdefault(repo_id, []).append(op.path_in_repo)
+        return None

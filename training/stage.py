@@ -1,6 +1,6 @@
 """The steps every training stage shares, in the order its script runs them.
 
-1. `start_stage`: arguments (YAML file + command line), logging, seed.
+1. `start_stage`: arguments (YAML file + command line; a Hub token never stays in them), logging, seed.
 2. `load_splits`: the training and evaluation splits through the one loading path (`data.loading`), bad samples
    counted and logged; `text_corpus`: the texts a tiny preset's tokenizers are trained on.
 3. (each script: its model, batches and Trainer)
@@ -10,6 +10,7 @@ The training scripts, the feature-cache command and the demo all start through h
 """
 
 import logging
+import os
 import sys
 from collections.abc import Callable
 
@@ -35,9 +36,20 @@ def configure_logging(training_args: TrainingArguments) -> None:
     transformers.utils.logging.set_verbosity(logging.WARNING)
 
 
+def keep_token_out_of_files(training_args: TrainingArguments) -> None:
+    """Moves a Hub token given as `hub_token` (flag or YAML) into this process's environment (`HF_TOKEN`, where
+    huggingface_hub finds it for every push) and out of the arguments: the Trainer pickles those into
+    training_args.bin in the output folder and in every checkpoint, and uploads that file with them."""
+    if training_args.hub_token:
+        os.environ["HF_TOKEN"] = training_args.hub_token
+        training_args.hub_token = None
+
+
 def start_stage(model_arguments_class: type, argv: list[str] | None):
-    """Every stage's opening: model, data and training arguments from YAML + command line, logging, seed."""
+    """Every stage's opening: model, data and training arguments from YAML + command line (the Hub token kept out
+    of them), logging, seed."""
     model_args, data_args, training_args = parse_args((model_arguments_class, DataArguments, TrainingArguments), argv)
+    keep_token_out_of_files(training_args)
     configure_logging(training_args)
     set_seed(training_args.seed)
     return model_args, data_args, training_args
@@ -108,4 +120,4 @@ def run_stage(
     return metrics
 
 
-__all__ = ["configure_logging", "load_splits", "run_stage", "start_stage", "text_corpus"]
+__all__ = ["configure_logging", "keep_token_out_of_files", "load_splits", "run_stage", "start_stage", "text_corpus"]

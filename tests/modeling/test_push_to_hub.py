@@ -1,46 +1,10 @@
 """push_to_hub runs its real code path; only the Hub's HTTP API is replaced by a local folder."""
 
-from pathlib import Path
 
-import huggingface_hub
-import pytest
 import torch
-import transformers.utils.hub as transformers_hub
-from huggingface_hub import CommitOperationAdd, HfApi, RepoUrl
 from safetensors.torch import load_file
 
 from tests.helpers import run_isolated
-
-
-class FolderHub(HfApi):
-    """The network boundary: repositories are folders, commits copy their files there and are recorded."""
-
-    def __init__(self, root: Path):
-        super().__init__()
-        self.root = root
-        self.uploaded: dict[str, list[str]] = {}
-
-    def create_repo(self, repo_id, **kwargs):
-        (self.root / repo_id).mkdir(parents=True, exist_ok=True)
-        return RepoUrl(f"{huggingface_hub.constants.ENDPOINT}/{repo_id}")
-
-    def create_commit(self, repo_id, operations, **kwargs):
-        for op in operations:
-            assert isinstance(op, CommitOperationAdd), op
-            target = self.root / repo_id / op.path_in_repo
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(Path(op.path_or_fileobj).read_bytes())
-            self.uploaded.setdefault(repo_id, []).append(op.path_in_repo)
-        return None
-
-
-@pytest.fixture
-def folder_hub(tmp_path, monkeypatch):
-    hub = FolderHub(tmp_path / "hub")
-    monkeypatch.setattr(transformers_hub, "_hf_api", hub)
-    # The model-card lookup must not reach for the network either: offline, a missing card is made from a template.
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    return hub
 
 
 def test_pushed_files_are_exactly_what_a_fresh_process_needs(tiny_vlm, shape_images, folder_hub, tmp_path):
