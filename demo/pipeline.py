@@ -17,7 +17,7 @@ import torch
 
 from cli import ArgumentParser, non_negative_int, positive_int
 from data.synthetic import generate_dataset
-from eval.model_card import update_evaluation
+from eval.model_card import update_evaluation, write_model_card
 from eval.report import load_log_history, plot_training_curves
 from eval.run import evaluate_model
 from training import train_qformer, train_vlm
@@ -28,6 +28,9 @@ from training.stage import load_splits, start_stage, text_corpus
 from .report import stage1_scores, stage2_scores, table, write_report
 
 logger = logging.getLogger("demo")
+
+# The training section of the untrained baselines' model cards.
+UNTRAINED = [["training", "none: the demo's untrained baseline, built as training starts"]]
 
 
 def parse_demo_args(argv: list[str] | None):
@@ -55,6 +58,7 @@ def save_untrained(out: Path, stage1: list[str], stage2: list[str]) -> tuple[Pat
     qformer, processor = build_stage1_model(model_args, text_corpus(train))
     qformer.save_pretrained(out / "qformer")
     processor.save_pretrained(out / "qformer")
+    write_model_card(out / "qformer", qformer, repo="untrained-qformer", training=UNTRAINED)
 
     model_args, data_args, training_args = start_stage(
         VLMModelArguments, [*stage2, "--qformer_name_or_path", str(out / "qformer")])
@@ -64,6 +68,7 @@ def save_untrained(out: Path, stage1: list[str], stage2: list[str]) -> tuple[Pat
         vlm = vlm.merge_and_unload()
     vlm.save_pretrained(out / "vlm")
     processor.save_pretrained(out / "vlm")
+    write_model_card(out / "vlm", vlm, repo="untrained-vlm", training=UNTRAINED)
     return out / "qformer", out / "vlm"
 
 
@@ -101,6 +106,8 @@ def main(argv: list[str] | None = None) -> dict:
         shutil.rmtree(out / stale, ignore_errors=True)
     untrained_q, untrained_v = save_untrained(out / "untrained", stage1, stage2)
     u1, u2 = evaluate_pair(untrained_q, untrained_v, data, out / "untrained" / "eval", args.eval_samples)
+    update_evaluation(untrained_q, u1)
+    update_evaluation(untrained_v, u2)
 
     logger.info("3/5 training stage 1 (Q-Former)")
     train_qformer.main(stage1)

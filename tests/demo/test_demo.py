@@ -37,6 +37,10 @@ def test_every_artifact_is_written(demo_out):
             assert image.format == "PNG" and min(image.size) >= 200, picture
     report = (out / "report.md").read_text()
     assert "similarity_grid.png" in report and "| stage 1 | i2t_r1 |" in report
+    # Every saved model folder has its card, with the demo's evaluation in it.
+    for folder, table in (("qformer", "### Image-text retrieval"), ("vlm", "### Visual question answering"),
+                          ("untrained/qformer", "### Image-text retrieval"), ("untrained/vlm", "### Captioning")):
+        assert table in (out / folder / "README.md").read_text(), folder
     assert "untrained" in stdout and "wall time" in stdout
 
 
