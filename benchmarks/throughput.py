@@ -29,8 +29,9 @@ from transformers.utils import logging as hf_logging
 
 from modeling.configuration_qformer import QFormerConfig
 from modeling.configuration_vlm import VLMConfig
+from modeling.lora import add_lora
 from modeling.modeling_qformer import QFormerModel
-from modeling.modeling_vlm import VLMForConditionalGeneration, add_lora
+from modeling.modeling_vlm import VLMForConditionalGeneration
 from training.device_normalize import DeviceNormalizeMixin, normalize_pixels
 from training.trainer import ParamGroupTrainer
 
@@ -153,8 +154,8 @@ def compile_repeated_blocks(model: torch.nn.Module, **compile_kwargs) -> None:
 
     Identical layers share one compiled graph, so compiling costs about one layer per stack. In place, because
     accelerate's `compile_regions` (what `torch_compile` + ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION=1 does) rebuilds
-    module shells and breaks peft's `modules_to_save` wrapper; whole-model compilation graph-breaks at the
-    label-only gather anyway.
+    module shells, which peft's wrappers do not survive; whole-model compilation graph-breaks at the label-only
+    gather anyway.
     """
     for module in model.modules():
         if isinstance(module, torch.nn.ModuleList) and len({type(block) for block in module}) == 1:

@@ -42,12 +42,12 @@ messages = [{{"role": "user", "content": content}}]
 print(pipe(text=messages, max_new_tokens=40, return_full_text=False)[0]["generated_text"])
 ```""",
 }
-# The adapter holds LoRA, the Q-Former and the MLP adapter; its base is a VLM on the same language model (the merged
-# model in the parent folder already has it applied).
+# The adapter holds LoRA (peft's file), the Q-Former's trained weights and the MLP adapter (`modeling.lora`'s
+# file); its base is the VLM training started from (the merged model in the parent folder already has it applied).
 ADAPTER_USAGE = """```python
-from peft import PeftModel
+from modeling.lora import load_adapter  # qformer-vlm; peft's own loader would miss the Q-Former and the MLP adapter
 base = VLMForConditionalGeneration.from_qformer_and_lm(qformer, language_model, image_token_id=...)
-model = PeftModel.from_pretrained(base, "{repo}").merge_and_unload()
+model = load_adapter(base, "{repo}").merge_and_unload()
 ```"""
 
 

@@ -9,8 +9,9 @@ from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, Aut
 
 from .configuration_qformer import QFormerConfig
 from .configuration_vlm import VLMConfig
+from .lora import add_lora
 from .modeling_qformer import QFormerModel, QFormerModelOutput
-from .modeling_vlm import VLMCausalLMOutputWithPast, VLMForConditionalGeneration, add_lora
+from .modeling_vlm import VLMCausalLMOutputWithPast, VLMForConditionalGeneration
 from .processing_vlm import VLMProcessor
 
 AutoConfig.register(QFormerConfig.model_type, QFormerConfig, exist_ok=True)

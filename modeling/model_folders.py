@@ -23,6 +23,7 @@ from cli.paths import looks_like_local_path, missing_path
 
 from .configuration_qformer import QFormerConfig
 from .configuration_vlm import VLMConfig
+from .lora import NON_LORA_WEIGHTS
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_WEIGHTS_INDEX = "model.safetensors.index.json"
@@ -87,7 +88,7 @@ def check_weights(folder: str | os.PathLike) -> None:
         except (ValueError, KeyError) as err:
             raise UserError(f"{folder / SAFE_WEIGHTS_INDEX} is unreadable ({err}); save the model again") from None
     elif (folder / SAFE_WEIGHTS).is_file() or (folder / ADAPTER_WEIGHTS).is_file():
-        files = [name for name in (SAFE_WEIGHTS, ADAPTER_WEIGHTS) if (folder / name).is_file()]
+        files = [name for name in (SAFE_WEIGHTS, ADAPTER_WEIGHTS, NON_LORA_WEIGHTS) if (folder / name).is_file()]
     elif any((folder / name).is_file() for name in LEGACY_WEIGHTS):
         return
     else:

@@ -21,10 +21,6 @@ from .modeling_qformer import QFormerModel, ship_code_with_weights
 
 logger = logging.get_logger(__name__)
 
-# Projection layers of the decoder families we support (Llama/SmolLM, Qwen3, Mistral, ...): "all linear layers"
-# of the original recipe.
-LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
 
 @dataclass
 class VLMCausalLMOutputWithPast(ModelOutput):
@@ -267,49 +263,9 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
         return super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
 
 
-def lora_target_regex(target_modules: tuple[str, ...] | list[str] = LORA_TARGET_MODULES) -> str:
-    """A peft `target_modules` regex that matches the given projections inside the language model only."""
-    return rf".*language_model\..*\.({'|'.join(target_modules)})"
-
-
-def add_lora(
-    model: VLMForConditionalGeneration,
-    r: int = 64,
-    alpha: int = 128,
-    dropout: float = 0.1,
-    target_modules: tuple[str, ...] | list[str] = LORA_TARGET_MODULES,
-    trainable_modules: tuple[str, ...] | list[str] = ("qformer", "adapter"),
-):
-    """Wraps the VLM with LoRA on the language model (original recipe: r=64, alpha=128, all linear layers).
-
-    The Q-Former and the adapter stay fully trainable (`modules_to_save`), so peft keeps them in its adapter
-    checkpoint too; the vision encoder stays frozen when the config says so.
-
-    Returns:
-        a `peft.PeftModel`; `merge_and_unload()` gives back a plain `VLMForConditionalGeneration`.
-    """
-    from peft import LoraConfig, get_peft_model
-
-    lora = LoraConfig(
-        r=r,
-        lora_alpha=alpha,
-        lora_dropout=dropout,
-        target_modules=lora_target_regex(target_modules),
-        modules_to_save=list(trainable_modules),
-    )
-    peft_model = get_peft_model(model, lora)
-    if model.config.qformer_config.freeze_vision:
-        for name, param in peft_model.named_parameters():
-            if ".vision_model." in name:
-                param.requires_grad_(False)
-    return peft_model
-
-
 __all__ = [
     "VLMAdapter",
     "VLMCausalLMOutputWithPast",
     "VLMForConditionalGeneration",
     "VLMPreTrainedModel",
-    "add_lora",
-    "lora_target_regex",
 ]

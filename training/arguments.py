@@ -30,7 +30,7 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from cli import OneLineErrors, UserError, check_at_least, closest, unknown_flags_message
 from modeling import QFormerConfig, VLMConfig
-from modeling.modeling_vlm import LORA_TARGET_MODULES
+from modeling.lora import LORA_TARGET_MODULES
 
 # ----------------------------------------------------------------------------------------------
 # Model settings derived from the model configs

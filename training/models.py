@@ -10,6 +10,7 @@ import logging
 from transformers import AutoModel, AutoModelForImageTextToText, AutoProcessor
 
 from cli import UserError
+from modeling.lora import add_lora
 from modeling.model_folders import (
     BERT_TEXT_ENCODER,
     CAUSAL_LM,
@@ -20,7 +21,6 @@ from modeling.model_folders import (
     hub_errors,
     load_pretrained,
 )
-from modeling.modeling_vlm import add_lora
 from modeling.presets import build_pretrained_qformer, build_tiny_qformer, build_vlm
 
 from .arguments import QFormerModelArguments, VLMModelArguments, config_overrides

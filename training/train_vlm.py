@@ -16,6 +16,7 @@ from transformers import TrainerCallback, TrainingArguments
 
 from cli import run_command
 from eval.generation import CAPTION_PROMPT, generate_texts
+from modeling.lora import save_adapter
 
 from .arguments import DataArguments, VLMModelArguments
 from .checkpoints import resolve_resume_checkpoint
@@ -69,7 +70,7 @@ def save_outputs(trainer: VLMTrainer, processor, output_dir: str) -> None:
         return
     model = trainer.accelerator.unwrap_model(trainer.model)
     if hasattr(model, "merge_and_unload"):
-        model.save_pretrained(Path(output_dir) / "adapter")
+        save_adapter(model, Path(output_dir) / "adapter")
         trainer.write_card(Path(output_dir) / "adapter", adapter=True)
         model = model.merge_and_unload()
         trainer.model = model

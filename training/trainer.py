@@ -1,5 +1,5 @@
-"""What both stages' Trainers share: parameter groups with their own learning rates, and the model card in every
-saved folder."""
+"""What both stages' Trainers share: parameter groups with their own learning rates, checkpoints that hold every
+trained weight, and the model card in every saved folder."""
 
 import copy
 import logging
@@ -8,10 +8,12 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
+from peft import PeftModel
 from transformers import PreTrainedModel, Trainer
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from eval.model_card import write_model_card
+from modeling.lora import load_non_lora_trainables, save_non_lora_trainables
 
 logger = logging.getLogger(__name__)
 
@@ -60,12 +62,36 @@ class ParamGroupTrainer(Trainer):
     # so those weights were silently left as initialised and a resumed run drifted from an uninterrupted one. For a
     # plain PreTrainedModel we load through `from_pretrained` instead; peft, FSDP and DeepSpeed keep their own paths.
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        if not self._load_converted_weights(resume_from_checkpoint, self.model if model is None else model):
+        model = self.model if model is None else model
+        if not self._load_converted_weights(resume_from_checkpoint, model):
             super()._load_from_checkpoint(resume_from_checkpoint, model)
+        self._load_non_lora(resume_from_checkpoint, model)
 
     def _load_best_model(self):
         if not self._load_converted_weights(self.state.best_model_checkpoint, self.model):
             super()._load_best_model()
+        self._load_non_lora(self.state.best_model_checkpoint, self.model)
+
+    # Under LoRA the Trainer saves and loads peft's adapter file only; the Q-Former and the MLP adapter train fully
+    # beside it (`modeling.lora`) and travel in a file of their own, written before trainer_state.json, so the
+    # completeness rule of `training.checkpoints` covers it.
+    def _save(self, output_dir: str | None = None, state_dict=None):
+        super()._save(output_dir, state_dict)
+        model = self.accelerator.unwrap_model(self.model)
+        if isinstance(model, PeftModel) and self.args.should_save:
+            save_non_lora_trainables(model, output_dir or self.args.output_dir)
+
+    # The main process writes trainer_state.json, the mark of a complete checkpoint (`training.checkpoints`), right
+    # after each process has written its own RNG state, with no barrier between: a kill at that moment left a
+    # checkpoint that counted as complete without another rank's rng_state_N.pth. Everyone waits for everyone first.
+    def _save_rng_state(self, output_dir):
+        super()._save_rng_state(output_dir)
+        self.accelerator.wait_for_everyone()
+
+    def _load_non_lora(self, folder: str, model) -> None:
+        model = self.accelerator.unwrap_model(model)
+        if isinstance(model, PeftModel) and load_non_lora_trainables(model, folder):
+            logger.info("loaded the Q-Former and adapter weights trained beside LoRA from %s", folder)
 
     def _load_converted_weights(self, folder: str, model) -> bool:
         """Loads `folder`'s weights into `model` with the names mapped as `from_pretrained` does; False if not ours."""

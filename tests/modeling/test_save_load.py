@@ -3,7 +3,7 @@
 import torch
 from safetensors.torch import load_file, save_file
 
-from modeling.modeling_vlm import add_lora
+from modeling.lora import add_lora
 from tests.helpers import run_isolated
 
 PROMPT = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "describe the image."}]}]

@@ -102,7 +102,7 @@ def test_stage2_qformer_trains_at_its_own_rate_and_adapter_and_lm_at_the_learnin
     trainer, _ = train_vlm.build_trainer(*arguments)
     lrs = learning_rates(trainer)
     vlm = trainer.model.get_base_model() if use_lora else trainer.model
-    # The Q-Former's parameters by identity (under peft: the trainable copy inside modules_to_save).
+    # The Q-Former's parameters by identity.
     qformer = {id(p) for p in vlm.qformer.parameters()}
 
     groups = {"qformer": [], "adapter": [], "lora": [], "language model": []}

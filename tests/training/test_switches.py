@@ -7,7 +7,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from benchmarks.throughput import TINY, Case, build_model, compile_repeated_blocks
-from modeling.modeling_vlm import add_lora
+from modeling.lora import add_lora
 from training.collators import CaptioningCollator, ContrastiveCollator
 from training.device_normalize import DeviceNormalizeMixin, pixel_batch
 
@@ -163,8 +163,9 @@ def test_frozen_weights_in_bf16_within_bf16_tolerance():
 
 
 def test_compiled_layers_keep_loss_and_gradients(rows):
-    """The benchmark's `--compile` (in place, per layer) on a LoRA model with modules_to_save. The aot_eager backend
-    traces forward and backward as inductor would, without its C++ build, which a CPU test cannot afford."""
+    """The benchmark's `--compile` (in place, per layer) on a LoRA model whose Q-Former and adapter train fully. The
+    aot_eager backend traces forward and backward as inductor would, without its C++ build, which a CPU test cannot
+    afford."""
     model, processor = frozen_vlm()
     batch = stage2_batch(processor, rows)
     model = add_lora(model, r=4, alpha=8, dropout=0.0)
