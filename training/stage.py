@@ -4,7 +4,8 @@
 2. `load_splits`: the training and evaluation splits through the one loading path (`data.loading`), bad samples
    counted and logged; `text_corpus`: the texts a tiny preset's tokenizers are trained on.
 3. (each script: its model, batches and Trainer)
-4. `run_stage`: train (resuming if asked), evaluate, save (with the model card), push to the Hub if asked.
+4. `run_stage`: train (resuming if asked), evaluate, save (with the model card), push to the Hub if asked; a
+   preemption signal ends it after a checkpoint instead (`training.preemption`).
 
 The training scripts, the feature-cache command and the demo all start through here.
 """
@@ -21,6 +22,7 @@ from transformers import Trainer, TrainingArguments, set_seed
 from data.loading import SkipReport, load_image_text_dataset, split_train_eval
 
 from .arguments import DataArguments, parse_args
+from .preemption import PreemptionCallback, TrainingPreempted
 
 logger = logging.getLogger(__name__)
 
@@ -100,11 +102,24 @@ def run_stage(
     of them, e.g. under DeepSpeed; it writes the model card with the model), then pushes the output folder to the
     Hub when `push_to_hub` is set.
 
+    SIGTERM or SIGUSR1 during training saves a checkpoint at the next step and raises `TrainingPreempted` (exit
+    status 0, nothing after training runs): running the same command again resumes from that checkpoint.
+
     Returns the train and eval metrics, also saved as `train_results.json`/`eval_results.json`.
     """
     metrics = {}
     if training_args.do_train:
+        preemption = PreemptionCallback(trainer.accelerator)
+        trainer.add_callback(preemption)
         result = trainer.train(resume_from_checkpoint=resume_from)
+        if preemption.stopped_at is not None:
+            if trainer.is_world_process_zero():
+                logger.warning(
+                    "stopped by %s at step %d; checkpoint saved in %s/checkpoint-%d. Run the same command again to "
+                    "resume from it (the newest complete checkpoint in output_dir is picked up)",
+                    preemption.received.name if preemption.received else "a signal on another process",
+                    preemption.stopped_at, training_args.output_dir, preemption.stopped_at)
+            raise TrainingPreempted()
         trainer.save_state()
         metrics.update(result.metrics)
         trainer.log_metrics("train", result.metrics)
