@@ -11,6 +11,7 @@ import shutil
 import sys
 import time
 from argparse import RawDescriptionHelpFormatter
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -54,16 +55,16 @@ def save_untrained(out: Path, stage1: list[str], stage2: list[str]) -> tuple[Pat
     """The tiny models exactly as training starts them (same start-up, data, builders and seed), saved for
     evaluation. `stage1`/`stage2` are the training runs' command lines."""
     model_args, data_args, training_args = start_stage(QFormerModelArguments, stage1)
-    train, _ = load_splits(data_args, training_args.seed)
-    qformer, processor = build_stage1_model(model_args, text_corpus(train))
+    train, _ = load_splits(data_args, training_args)
+    qformer, processor = build_stage1_model(model_args, partial(text_corpus, train))
     qformer.save_pretrained(out / "qformer")
     processor.save_pretrained(out / "qformer")
     write_model_card(out / "qformer", qformer, repo="untrained-qformer", training=UNTRAINED)
 
     model_args, data_args, training_args = start_stage(
         VLMModelArguments, [*stage2, "--qformer_name_or_path", str(out / "qformer")])
-    train, _ = load_splits(data_args, training_args.seed)
-    vlm, processor = build_stage2_model(model_args, text_corpus(train))
+    train, _ = load_splits(data_args, training_args)
+    vlm, processor = build_stage2_model(model_args, partial(text_corpus, train))
     if hasattr(vlm, "merge_and_unload"):  # LoRA at its start changes nothing: save the plain model
         vlm = vlm.merge_and_unload()
     vlm.save_pretrained(out / "vlm")

@@ -231,6 +231,16 @@ class DataArguments:
         metadata={"help": "'uint8': the loader sends uint8 pixels, normalised on the GPU (4x fewer bytes to move); "
                           "'float': the image processor's float output."},
     )
+    streaming: bool = field(
+        default=False,
+        metadata={"help": "Read train_data's webdataset shards lazily while training (data.streaming): nothing is "
+                          "copied into the datasets cache, processes and DataLoader workers read their own shards, "
+                          "checkpoints resume mid-epoch exactly. Needs max_steps and eval_data."},
+    )
+    shuffle_buffer_size: int = field(
+        default=10_000,
+        metadata={"help": "With streaming: sample references in each reader's shuffle buffer (1: file order)."},
+    )
     feature_cache: str | None = field(
         default=None,
         metadata={"help": "Folder of precomputed frozen-vision features (python -m training.feature_cache); the "
@@ -242,6 +252,14 @@ class DataArguments:
                         "max_eval_samples": self.max_eval_samples}, 1)
         check_at_least({"max_caption_length": self.max_caption_length, "max_length": self.max_length}, 2)
         check_at_least({"hard_negatives": self.hard_negatives, "qa_turns": self.qa_turns}, 0)
+        check_at_least({"shuffle_buffer_size": self.shuffle_buffer_size}, 1)
+        if self.streaming:
+            for name, value in (("max_train_samples", self.max_train_samples), ("feature_cache", self.feature_cache)):
+                if value is not None:
+                    raise UserError(f"{name} does not work with streaming; leave it out, or set streaming: false")
+            if self.eval_data is None:
+                raise UserError("streaming needs eval_data: holding samples out of a stream would mean reading it all "
+                                "first; give a separate evaluation set (e.g. one shard folder)")
 
 
 def check_training_arguments(args: TrainingArguments) -> None:

@@ -26,6 +26,7 @@ import os
 import shutil
 import sys
 from collections.abc import Iterable, Sequence
+from functools import partial
 from pathlib import Path
 
 import datasets
@@ -316,8 +317,8 @@ def main(argv: list[str] | None = None) -> FeatureCache:
     model_args, data_args, training_args = start_stage(arguments_class, argv)
     if not data_args.feature_cache:
         raise UserError("say where the cache goes: --feature_cache DIR (the same value training will use)")
-    train, evaluation = load_splits(data_args, training_args.seed)
-    model, processor = build_model(model_args, text_corpus(train))
+    train, evaluation = load_splits(data_args, training_args)
+    model, processor = build_model(model_args, partial(text_corpus, train))
     return build_feature_cache(model, processor.image_processor, [train, evaluation], data_args.feature_cache)
 
 

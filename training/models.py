@@ -6,6 +6,7 @@ of the wrong kind, without weights or with truncated ones, or a local path with 
 """
 
 import logging
+from collections.abc import Callable
 
 from transformers import AutoModel, AutoModelForImageTextToText, AutoProcessor
 
@@ -28,11 +29,14 @@ from .arguments import QFormerModelArguments, VLMModelArguments, config_override
 logger = logging.getLogger(__name__)
 
 
-def build_stage1_model(model_args: QFormerModelArguments, corpus: list[str], resume_from: str | None = None):
+def build_stage1_model(
+    model_args: QFormerModelArguments, corpus: Callable[[], list[str]], resume_from: str | None = None
+):
     """The stage-1 Q-Former and its processor: a saved one, one on pretrained encoders, or the tiny preset.
 
-    `corpus` (the training texts) trains the tiny preset's tokenizer; resuming, the checkpoint's own tokenizer is
-    used instead (the interrupted run trained it at its start).
+    `corpus()` (the training texts) trains the tiny preset's tokenizer, and is called only then (it reads every
+    caption of the training data); resuming, the checkpoint's own tokenizer is used instead (the interrupted run
+    trained it at its start).
     """
     settings = config_overrides(model_args)
     if model_args.model_name_or_path:
@@ -51,7 +55,7 @@ def build_stage1_model(model_args: QFormerModelArguments, corpus: list[str], res
         with hub_errors("--vision_model_name_or_path/--text_model_name_or_path", f"{vision}, {text}"):
             return build_pretrained_qformer(vision, text, qformer_config=model_args.qformer_config, **settings)
     model, processor = build_tiny_qformer(
-        corpus, vision=model_args.vision_config, qformer=model_args.qformer_config,
+        corpus(), vision=model_args.vision_config, qformer=model_args.qformer_config,
         text_vocab_size=model_args.text_vocab_size, **settings,
     )
     if resume_from is not None:
@@ -59,9 +63,12 @@ def build_stage1_model(model_args: QFormerModelArguments, corpus: list[str], res
     return model, processor
 
 
-def build_stage2_model(model_args: VLMModelArguments, corpus: list[str], resume_from: str | None = None):
+def build_stage2_model(
+    model_args: VLMModelArguments, corpus: Callable[[], list[str]], resume_from: str | None = None
+):
     """The stage-2 VLM and its processor: a saved VLM, or a stage-1 Q-Former + adapter + language model (the tiny
-    preset's LM with a tokenizer trained on `corpus`, or a pretrained one); then LoRA when asked for.
+    preset's LM with a tokenizer trained on `corpus()`, called only then, or a pretrained one); then LoRA when asked
+    for.
 
     Resuming with the tiny LM, the checkpoint's own tokenizer is used (the interrupted run trained it at its start).
     """
@@ -79,7 +86,8 @@ def build_stage2_model(model_args: VLMModelArguments, corpus: list[str], resume_
             language_model = check_model_source(language_model, "--language_model_name_or_path", CAUSAL_LM)
         with hub_errors("--language_model_name_or_path", language_model or ""):
             model, processor = build_vlm(
-                qformer, qformer_processor, language_model=language_model, corpus=corpus, lm=model_args.lm_config,
+                qformer, qformer_processor, language_model=language_model,
+                corpus=None if language_model else corpus(), lm=model_args.lm_config,
                 lm_vocab_size=model_args.lm_vocab_size, **settings,
             )
         if resume_from is not None and language_model is None:

@@ -7,9 +7,9 @@ every process together (accelerate's trigger, one all-reduce per step), so that 
 and none waits in a collective for a peer that has stopped.
 
 A second signal ends the process at once, without a checkpoint, unless it comes within `REPEAT_WINDOW_S` of the
-first: then it is the same notice delivered twice. That happens whenever a whole process group is signalled (a
-machine shutting down, `kill -TERM -<pgid>`): each worker gets the signal itself and again from torchrun, which
-forwards what it receives to its workers.
+first: then it is the same notice delivered twice. That happens when every process is signalled (a machine
+shutting down): each worker gets the signal itself and again from torchrun, which forwards what it receives to
+its workers.
 """
 
 import logging

@@ -20,6 +20,7 @@ from datasets import Dataset
 from transformers import Trainer, TrainingArguments, set_seed
 
 from data.loading import SkipReport, load_image_text_dataset, split_train_eval
+from data.streaming import ShardStream
 
 from .arguments import DataArguments, parse_args
 from .preemption import PreemptionCallback, TrainingPreempted
@@ -57,19 +58,30 @@ def start_stage(model_arguments_class: type, argv: list[str] | None):
     return model_args, data_args, training_args
 
 
-def load_splits(data_args: DataArguments, seed: int) -> tuple[Dataset, Dataset]:
+def load_splits(data_args: DataArguments, training_args: TrainingArguments) -> tuple[Dataset | ShardStream, Dataset]:
     """The train split and the evaluation split (`eval_data`, or a duplicate-safe hold-out of `train_data`).
 
-    Bad samples are dropped by the loader, counted by reason and logged here.
+    Bad samples are dropped by the loader, counted by reason and logged here. With `streaming`, the train split is
+    a `ShardStream` of this process's share of the shards (nothing is read yet); evaluation stays map-style.
     """
     report = SkipReport()
     columns = {"image_column": data_args.image_column, "caption_column": data_args.caption_column}
+    if data_args.streaming:
+        train = ShardStream.from_source(
+            data_args.train_data, seed=training_args.seed, buffer_size=data_args.shuffle_buffer_size,
+            rank=training_args.process_index, world_size=training_args.world_size)
+        evaluation = load_image_text_dataset(data_args.eval_data, split="validation", report=report, **columns)
+        report.log(logger, prefix="evaluation data: ")
+        if data_args.max_eval_samples is not None:
+            evaluation = evaluation.select(range(min(data_args.max_eval_samples, len(evaluation))))
+        logger.info("streaming %d training shards; %d evaluation samples", len(train.shards), len(evaluation))
+        return train, evaluation
     if data_args.eval_data:
         train = load_image_text_dataset(data_args.train_data, split="train", report=report, **columns)
         evaluation = load_image_text_dataset(data_args.eval_data, split="validation", report=report, **columns)
     else:
         full = load_image_text_dataset(data_args.train_data, split="train", report=report, **columns)
-        parts = split_train_eval(full, eval_size=data_args.eval_size, seed=seed)
+        parts = split_train_eval(full, eval_size=data_args.eval_size, seed=training_args.seed)
         train, evaluation = parts["train"], parts["eval"]
     report.log(logger, prefix="data: ")
     if data_args.max_train_samples is not None:
@@ -80,10 +92,12 @@ def load_splits(data_args: DataArguments, seed: int) -> tuple[Dataset, Dataset]:
     return train, evaluation
 
 
-def text_corpus(dataset: Dataset) -> list[str]:
+def text_corpus(dataset: Dataset | ShardStream) -> list[str]:
     """Every caption, reference, question and answer: what a tiny preset's tokenizers are trained on."""
     texts = []
-    for row in dataset.select_columns(["caption", "references", "qa", "negative_captions"]):
+    rows = dataset.text_rows() if isinstance(dataset, ShardStream) else dataset.select_columns(
+        ["caption", "references", "qa", "negative_captions"])
+    for row in rows:
         texts.append(row["caption"])
         texts.extend(row["references"])
         texts.extend(row["negative_captions"])

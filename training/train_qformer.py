@@ -8,6 +8,8 @@ Evaluation reports retrieval Recall@1/5/10 both ways on the evaluation split; ch
 its processor and the card.
 """
 
+from functools import partial
+
 import torch
 from transformers import EvalPrediction, TrainingArguments
 
@@ -22,6 +24,7 @@ from .device_normalize import DeviceNormalizeMixin
 from .feature_cache import with_feature_cache
 from .models import build_stage1_model, log_parameter_count
 from .stage import load_splits, run_stage, start_stage, text_corpus
+from .streaming import StreamingTrainerMixin, rows_to_check
 from .trainer import ModelCardTrainerMixin, ParamGroupTrainer
 
 # Weights that a pretrained preset copies from its vision and text checkpoints (not the new cross-attention,
@@ -32,7 +35,7 @@ PRETRAINED_WEIGHTS = (
 )
 
 
-class QFormerTrainer(DeviceNormalizeMixin, ModelCardTrainerMixin, ParamGroupTrainer):
+class QFormerTrainer(StreamingTrainerMixin, DeviceNormalizeMixin, ModelCardTrainerMixin, ParamGroupTrainer):
     """Evaluation returns each sample's image and caption embeddings, so retrieval can rank the whole split."""
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -66,17 +69,17 @@ def build_trainer(
     resume_from = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
 
     # Data: the training and evaluation splits.
-    train_dataset, eval_dataset = load_splits(data_args, training_args.seed)
+    train_dataset, eval_dataset = load_splits(data_args, training_args)
 
     # Model: saved, pretrained encoders or the tiny preset (resuming, with the checkpoint's own tokenizer).
-    model, processor = build_stage1_model(model_args, text_corpus(train_dataset), resume_from)
+    model, processor = build_stage1_model(model_args, partial(text_corpus, train_dataset), resume_from)
     log_parameter_count(model, "stage-1")
 
     # Batches: images, captions, duplicate-aware group ids (and hard-negative captions); checked against the data
     # now, not at the batch that would fail.
     collator = ContrastiveCollator(processor, data_args.max_caption_length, data_args.hard_negatives,
                                    pixel_format=data_args.pixel_format)
-    collator.check_dataset(train_dataset, "the training data")
+    collator.check_dataset(rows_to_check(train_dataset), "the training data")
     collator.check_dataset(eval_dataset, "the evaluation data")  # its loss uses the same negatives
     if data_args.feature_cache:
         collator, train_dataset, eval_dataset = with_feature_cache(

@@ -10,6 +10,7 @@ model card, and, with LoRA, the peft adapter in `adapter/`.
 """
 
 import logging
+from functools import partial
 from pathlib import Path
 
 from transformers import TrainerCallback, TrainingArguments
@@ -25,6 +26,7 @@ from .device_normalize import DeviceNormalizeMixin
 from .feature_cache import with_feature_cache
 from .models import build_stage2_model, log_parameter_count
 from .stage import load_splits, run_stage, start_stage, text_corpus
+from .streaming import StreamingTrainerMixin, rows_to_check
 from .trainer import ModelCardTrainerMixin, ParamGroupTrainer
 
 logger = logging.getLogger(__name__)
@@ -33,7 +35,7 @@ logger = logging.getLogger(__name__)
 QFORMER_WEIGHTS = r"(^|\.)qformer\."
 
 
-class VLMTrainer(DeviceNormalizeMixin, ModelCardTrainerMixin, ParamGroupTrainer):
+class VLMTrainer(StreamingTrainerMixin, DeviceNormalizeMixin, ModelCardTrainerMixin, ParamGroupTrainer):
     pass
 
 
@@ -87,17 +89,17 @@ def build_trainer(
     resume_from = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
 
     # Data: the training and evaluation splits.
-    train_dataset, eval_dataset = load_splits(data_args, training_args.seed)
+    train_dataset, eval_dataset = load_splits(data_args, training_args)
 
     # Model: a saved VLM, or the stage-1 Q-Former + adapter + language model, with LoRA when asked for.
-    model, processor = build_stage2_model(model_args, text_corpus(train_dataset), resume_from)
+    model, processor = build_stage2_model(model_args, partial(text_corpus, train_dataset), resume_from)
     log_parameter_count(model, "stage-2")
 
     # Batches: a chat conversation per image (caption and question-answer turns), loss on the answers only;
     # checked against the data now, not at the batch that would fail.
     collator = CaptioningCollator(processor, max_length=data_args.max_length, qa_turns=data_args.qa_turns,
                                   seed=training_args.seed, pixel_format=data_args.pixel_format)
-    collator.check_dataset(train_dataset, "the training data")
+    collator.check_dataset(rows_to_check(train_dataset), "the training data")
     trainer_eval_dataset = eval_dataset  # the sample-captions callback below keeps the decoded images
     if data_args.feature_cache:
         collator, train_dataset, trainer_eval_dataset = with_feature_cache(

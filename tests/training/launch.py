@@ -106,11 +106,26 @@ def run_torchrun(target: list[str], log: Path, nproc: int = 2) -> str:
     return finish(process, log)
 
 
+def kill_tree(pid: int, sig: int = signal.SIGKILL) -> None:
+    """Sends `sig` to `pid` and all its descendants: torchrun starts each worker in a session of its own, so a
+    signal to torchrun's process group does not reach them."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        children = []
+    for child in children:
+        kill_tree(int(child), sig)
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
 def finish(process: subprocess.Popen, log: Path) -> str:
     try:
         process.wait(timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)  # its own session: torchrun and its workers go together
+        kill_tree(process.pid)
         process.wait()
         raise AssertionError(f"{process.args} did not finish in {TIMEOUT_S}s:\n{log.read_text()[-6000:]}") from None
     output = log.read_text()

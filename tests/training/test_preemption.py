@@ -1,8 +1,7 @@
-"""A preempted run (SIGUSR1 as SLURM sends ahead of a job's end, SIGTERM to a whole torchrun process group as a
-machine shutting down sends it) writes a complete checkpoint at the next step, exits cleanly, and the same command
+"""A preempted run (SIGUSR1 as SLURM sends ahead of a job's end, SIGTERM to torchrun as a scheduler stopping a job
+sends it) writes a complete checkpoint at the next step, exits cleanly, and the same command
 run again ends where an uninterrupted run ends."""
 
-import os
 import signal
 import subprocess
 import sys
@@ -86,7 +85,7 @@ def test_sigusr1_on_one_process_checkpoints_exits_0_and_the_rerun_resumes_exactl
     assert_resumed_run_equals_uninterrupted(preempted, reference)
 
 
-def test_sigterm_to_a_torchrun_process_group_checkpoints_every_rank_and_the_rerun_resumes_exactly(
+def test_sigterm_to_torchrun_checkpoints_every_rank_and_the_rerun_resumes_exactly(
     shapes_data, tmp_path
 ):
     reference, preempted = tmp_path / "uninterrupted", tmp_path / "preempted"
@@ -96,8 +95,8 @@ def test_sigterm_to_a_torchrun_process_group_checkpoints_every_rank_and_the_reru
     args = stage1_args(shapes_data, preempted, max_steps=STEPS)
     log = tmp_path / "preempted.log"
     process = torchrun(args, log)
-    # The whole group: each worker gets SIGTERM directly and again from torchrun, which forwards it.
-    signal_after_step_3(process, log, lambda: os.killpg(process.pid, signal.SIGTERM))
+    # torchrun forwards the signal to each worker (they run in sessions of their own).
+    signal_after_step_3(process, log, lambda: process.send_signal(signal.SIGTERM))
     output = log.read_text()
     [checkpoint] = checkpoints(preempted)
     step = int(checkpoint.name.split("-")[1])
