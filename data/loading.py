@@ -31,7 +31,7 @@ from typing import Any, Literal
 import datasets
 from datasets import Dataset, DatasetDict, Features, IterableDataset, IterableDatasetDict
 
-from cli import UserError
+from cli import UserError, closest
 
 from . import cleaning, sanitize, tar_shards
 from .cleaning import (
@@ -138,7 +138,10 @@ def _resolve_columns(
 
     def check(role: str, column: str | None) -> str | None:
         if column is not None and column not in names:
-            raise UserError(f"{role} column {column!r} not found in {source}; columns are: {', '.join(names)}")
+            raise UserError(
+                f"{role} column {column!r} not found in {source}{closest(column, names)}; "
+                f"columns are: {', '.join(names)}"
+            )
         return column
 
     if image is None:
@@ -157,9 +160,11 @@ def _resolve_columns(
             )
     if (question is None) != (answer is None):
         raise UserError("give question_column and answer_column together")
+    # The id (key) column is checked before the group column: evaluation passes one column as both.
+    key = check("id", key)
     return {
         "image": check("image", image), "caption": check("caption", caption), "question": check("question", question),
-        "answer": check("answer", answer), "group": check("group", group), "key": check("key", key),
+        "answer": check("answer", answer), "group": check("group", group), "key": key,
     }
 
 

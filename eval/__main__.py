@@ -11,7 +11,7 @@ from cli import ArgumentParser, UserError, positive_int, run_command
 from .generation import GENERATION_PRESETS
 from .model_card import CARD_NAME, update_evaluation
 from .report import load_log_history
-from .run import evaluate_model
+from .run import RETRIEVAL_TEXTS, evaluate_model
 
 logger = logging.getLogger("eval")
 
@@ -23,13 +23,28 @@ def _parse_args(argv: Sequence[str] | None):
             "Evaluate a stage-1 Q-Former (retrieval) or a VLM (captioning, VQA, and retrieval through its Q-Former) "
             "and write metrics.json, report.md, pictures and CSVs into --out."
         ),
-        epilog="example: python -m eval --model outputs/demo/vlm --data data/shapes --split validation "
-               "--out outputs/demo/eval",
+        epilog="examples: python -m eval --model outputs/demo/vlm --data data/shapes --split validation "
+               "--out outputs/demo/eval; "
+               "python -m eval --model outputs/base/vlm --data yerevann/coco-karpathy --split test "
+               "--image-column url --caption-column sentences --id-column cocoid --retrieval-texts references "
+               "--out outputs/base/coco-karpathy",
     )
     parser.add_argument("--model", required=True, help="a saved model folder or a Hub id")
     parser.add_argument("--data", required=True, help="shards folder, .tar files, dataset folder/file or Hub dataset")
     parser.add_argument("--out", required=True, help="output folder for the report")
     parser.add_argument("--split", default=None, help="data split (default: the only one, or train)")
+    parser.add_argument("--image-column", default=None,
+                        help="image column of a datasets source (default: its Image column, or image/img/jpg...)")
+    parser.add_argument("--caption-column", default=None,
+                        help="caption column of a datasets source; a list of captions per image makes them all "
+                             "references (default: caption/captions/text/sentences...)")
+    parser.add_argument("--id-column", default=None,
+                        help="image id column of a datasets source: the id in captions.csv, and images with "
+                             "different ids are never each other's duplicates (default: the row number, and "
+                             "duplicates by equal first caption)")
+    parser.add_argument("--retrieval-texts", choices=RETRIEVAL_TEXTS, default="caption",
+                        help="caption: each image against its caption; references: against all its reference "
+                             "captions, an image->text hit being any of them (the COCO/Flickr30k protocol)")
     parser.add_argument("--max-samples", type=positive_int, default=None, help="evaluate the first N samples only")
     parser.add_argument("--batch-size", type=positive_int, default=32, help="images per forward pass (default 32)")
     parser.add_argument("--strategy", choices=sorted(GENERATION_PRESETS), default="greedy", help="caption decoding")
@@ -70,8 +85,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         args.model, args.data, args.out, split=args.split, max_samples=args.max_samples, batch_size=args.batch_size,
         strategy=args.strategy, max_new_tokens=args.max_new_tokens, shuffled=not args.no_shuffled,
         vqa=not args.no_vqa, meteor={"auto": None, "on": True, "off": False}[args.meteor],
-        qformer_tokenizer=args.qformer_tokenizer, log_histories=_log_histories(args.trainer_state, args.model),
-        device=args.device,
+        qformer_tokenizer=args.qformer_tokenizer, image_column=args.image_column, caption_column=args.caption_column,
+        id_column=args.id_column, retrieval_texts=args.retrieval_texts,
+        log_histories=_log_histories(args.trainer_state, args.model), device=args.device,
     )
     logger.info("report in %s/report.md", args.out)
     if args.update_card:

@@ -58,6 +58,15 @@ def fixed_derangement(group_ids: Sequence, seed: int = 0) -> list[int]:
     return perm
 
 
+def reference_captions(row: dict) -> list[str]:
+    """Every caption of a row's image, its own caption first, each once.
+
+    The loader's rows list them all in `references`, caption first (all five of a COCO image); rows from
+    elsewhere may list only the other captions (as the shapes generator's JSON does), so the caption is added.
+    """
+    return list(dict.fromkeys([row["caption"], *(row.get("references") or [])]))
+
+
 def write_captions_csv(
     path: str | Path, ids: Sequence[str], references: Sequence[Sequence[str]], generated: Sequence[str]
 ) -> Path:
@@ -138,8 +147,7 @@ def evaluate_captioning(
         and `"captions_shuffled"` likewise. Scores are the coco_caption module's keys.
     """
     images = [row["image"] for row in rows]
-    # The row's own caption is a reference too (synthetic rows list only the other paraphrases).
-    references = [list(dict.fromkeys([row["caption"], *(row.get("references") or [])])) for row in rows]
+    references = [reference_captions(row) for row in rows]
     ids = [str(row.get("key", index)) for index, row in enumerate(rows)]
     metric = load_caption_metric()
 

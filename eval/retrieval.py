@@ -9,6 +9,10 @@ perfect) nor against it.
 
 Duplicates. Each image and each text carries a group id (the same scene, the same caption); a
 text is correct for every image of its group and vice versa, so a retrieved duplicate is a hit.
+
+Several texts per image (COCO and Flickr30k give five): every text is a query of its own for
+text -> image, and an image -> text query is a hit at K when any of its image's texts is in the
+top K. This is the standard COCO/Flickr30k protocol; the rank is that of the best-placed one.
 """
 
 import math
@@ -139,28 +143,33 @@ def compute_embeddings(
     tokenizer,
     batch_size: int = 64,
     max_length: int = 64,
+    texts: Sequence[str] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Embeds every image and caption of `dataset` with a stage-1 Q-Former.
+    """Embeds every image of `dataset` and every text with a stage-1 Q-Former.
 
     Args:
         model: a `QFormerModel` (or a VLM's `.qformer`): `get_image_embeds(pixel_values)` and
             `get_text_embeds(input_ids, attention_mask)`.
         dataset: rows with `"image"` (PIL) and `"caption"`: a `datasets.Dataset` or a list of dicts.
         image_processor, tokenizer: the Q-Former's own processors (its text tokenizer, not an LM's).
+        texts: the texts to embed; default each row's caption.
 
     Returns:
-        `(image_embeds (N, num_queries, D), text_embeds (N, D))` on the CPU, L2-normalised.
+        `(image_embeds (N, num_queries, D), text_embeds (T, D))` on the CPU, L2-normalised.
     """
     model.eval()
     device = next(model.parameters()).device
+    texts = _column(dataset, "caption") if texts is None else list(texts)
     image_embeds, text_embeds = [], []
-    for start in tqdm(range(0, len(dataset), batch_size), desc="retrieval embeddings", unit="batch"):
-        batch = _rows(dataset, start, start + batch_size)
-        pixel_values = image_processor(images=[r["image"] for r in batch], return_tensors="pt")["pixel_values"]
-        text = tokenizer(
-            [r["caption"] for r in batch], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
-        )
+    for start in tqdm(range(0, len(dataset), batch_size), desc="retrieval image embeddings", unit="batch"):
+        images = [r["image"] for r in _rows(dataset, start, start + batch_size)]
+        pixel_values = image_processor(images=images, return_tensors="pt")["pixel_values"]
         image_embeds.append(model.get_image_embeds(pixel_values.to(device, model.dtype)).float().cpu())
+    for start in tqdm(range(0, len(texts), batch_size), desc="retrieval text embeddings", unit="batch"):
+        text = tokenizer(
+            texts[start : start + batch_size], padding=True, truncation=True, max_length=max_length,
+            return_tensors="pt",
+        )
         text_embeds.append(
             model.get_text_embeds(text["input_ids"].to(device), text["attention_mask"].to(device)).float().cpu()
         )
@@ -244,24 +253,34 @@ def evaluate_retrieval(
     out_dir: str | Path | None = None,
     batch_size: int = 64,
     grid_size: int = 8,
+    texts: Sequence[Sequence[str]] | None = None,
 ) -> dict[str, float]:
     """Retrieval metrics of a stage-1 Q-Former over `dataset`, and the similarity grid.
 
-    Every row gives one image and one text (its `caption`); rows sharing a `group_id` are
-    duplicates of each other (rows without one are their own group). When `out_dir` is given the
-    first `grid_size` rows are drawn to `out_dir/similarity_grid.png`.
+    Every row gives one image and its texts: `texts[i]` when given (e.g. all five captions of a
+    COCO image), else its `caption`. Rows sharing a `group_id` are duplicates of each other (rows
+    without one are their own group); a text belongs to its row's group. When `out_dir` is given
+    the first `grid_size` rows are drawn, each with its first text, to `out_dir/similarity_grid.png`.
+
+    Returns:
+        `retrieval_metrics`' numbers, `num_images` and `num_pairs` (texts, each paired with its image).
     """
-    image_embeds, text_embeds = compute_embeddings(model, dataset, image_processor, tokenizer, batch_size)
+    groups = [f"row-{i}" if g is None else g for i, g in enumerate(_column(dataset, "group_id"))]
+    texts = [[c] for c in _column(dataset, "caption")] if texts is None else [list(t) for t in texts]
+    if len(texts) != len(groups) or not all(texts):
+        raise ValueError(f"need one non-empty list of texts per row; got {len(texts)} lists for {len(groups)} rows")
+    flat = [text for row_texts in texts for text in row_texts]
+    text_groups = [group for group, row_texts in zip(groups, texts) for _ in row_texts]
+    image_embeds, text_embeds = compute_embeddings(model, dataset, image_processor, tokenizer, batch_size, texts=flat)
     similarity = pairwise_similarity(model, image_embeds, text_embeds)
-    groups = [f"row-{i}" if g is None else g for i, g in enumerate(_group_ids(dataset))]
-    metrics = {**retrieval_metrics(similarity, groups, groups), "num_pairs": len(groups)}
+    metrics = {**retrieval_metrics(similarity, groups, text_groups), "num_images": len(groups), "num_pairs": len(flat)}
     if out_dir is not None:
         n = min(grid_size, len(groups))
-        shown = _rows(dataset, 0, n)
+        first_texts = np.cumsum([0] + [len(t) for t in texts[: n - 1]]).tolist()  # where each row's texts start
         positives = torch.tensor([[a == b for b in groups[:n]] for a in groups[:n]])
         similarity_grid(
-            [r["image"] for r in shown], [r["caption"] for r in shown], similarity[:n, :n],
-            Path(out_dir) / "similarity_grid.png", positives,
+            [r["image"] for r in _rows(dataset, 0, n)], [flat[j] for j in first_texts],
+            similarity[:n, first_texts], Path(out_dir) / "similarity_grid.png", positives,
         )
     return metrics
 
@@ -284,8 +303,8 @@ def pairwise_similarity(
     return torch.cat(blocks)
 
 
-def _group_ids(dataset) -> list:
-    """The `group_id` of every row (None where missing), without decoding the images of a `datasets.Dataset`."""
+def _column(dataset, name: str) -> list:
+    """One column of every row (None where missing), without decoding the images of a `datasets.Dataset`."""
     if hasattr(dataset, "column_names"):
-        return list(dataset["group_id"]) if "group_id" in dataset.column_names else [None] * len(dataset)
-    return [row.get("group_id") for row in dataset]
+        return list(dataset[name]) if name in dataset.column_names else [None] * len(dataset)
+    return [row.get(name) for row in dataset]

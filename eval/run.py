@@ -3,6 +3,11 @@
 A stage-1 Q-Former gets retrieval. A VLM gets captioning (optionally also with shuffled images),
 VQA when the rows have question-answer pairs, caption-vs-scene checks on synthetic shapes data, and
 retrieval through its Q-Former when the Q-Former's text tokenizer can be found.
+
+Standard sets (COCO Karpathy test, Flickr30k test) come as one row per image with a list of
+reference captions: the column mapping names the image, caption-list and image-id columns, every
+caption of an image is a captioning reference, and `retrieval_texts="references"` makes each of
+them a retrieval text (the standard protocol).
 """
 
 import logging
@@ -17,7 +22,7 @@ from data.shapes import parse_caption
 from modeling import QFormerConfig
 from modeling.model_folders import QFORMER_OR_VLM, check_model_source, hub_errors
 
-from .captioning import evaluate_captioning
+from .captioning import evaluate_captioning, reference_captions
 from .report import write_report
 from .retrieval import evaluate_retrieval
 from .scene import caption_scene_metrics
@@ -27,11 +32,24 @@ logger = logging.getLogger(__name__)
 
 # Where a VLM folder keeps its Q-Former's text tokenizer (the sub-folder name InstructBLIP's processor uses).
 QFORMER_TOKENIZER_SUBFOLDER = "qformer_tokenizer"
+# What retrieval matches each image against: its caption only, or all its reference captions.
+RETRIEVAL_TEXTS = ("caption", "references")
 
 
-def load_rows(data: str, split: str | None, max_samples: int | None) -> list[dict]:
-    """The evaluation rows (decoded), at most `max_samples` from the start of the split."""
-    dataset = load_image_text_dataset(data, split=split)
+def load_rows(
+    data: str, split: str | None, max_samples: int | None, *, image_column: str | None = None,
+    caption_column: str | None = None, id_column: str | None = None,
+) -> list[dict]:
+    """The evaluation rows (decoded), at most `max_samples` from the start of the split.
+
+    The columns are for `datasets` sources (guessed when None). `caption_column` may hold a list of captions per
+    image; `id_column` names each image: it becomes the row's key (the id in captions.csv) and its duplicate group,
+    so images with different ids never count as each other's duplicates.
+    """
+    dataset = load_image_text_dataset(
+        data, split=split, image_column=image_column, caption_column=caption_column, key_column=id_column,
+        group_column=id_column,
+    )
     if max_samples is not None:
         dataset = dataset.select(range(min(max_samples, len(dataset))))
     return [dataset[i] for i in range(len(dataset))]
@@ -75,18 +93,31 @@ def evaluate_model(
     vqa: bool = True,
     meteor: bool | None = None,
     qformer_tokenizer: str | None = None,
+    image_column: str | None = None,
+    caption_column: str | None = None,
+    id_column: str | None = None,
+    retrieval_texts: str = "caption",
     log_histories: Mapping[str, list[dict]] | None = None,
     device: str | None = None,
 ) -> dict:
     """Runs every evaluation that fits the model and writes the report into `out_dir`.
 
+    `image_column`, `caption_column`, `id_column` map a `datasets` source's columns (see `load_rows`).
+    `retrieval_texts`: "caption" matches each image with its caption; "references" with every reference caption
+    of every image, an image -> text hit being any of its own (COCO/Flickr30k's protocol).
+
     Returns:
         the metrics, also written to `out_dir/metrics.json` (the files are described in `eval.report.write_report`).
     """
+    if retrieval_texts not in RETRIEVAL_TEXTS:
+        raise ValueError(f"retrieval_texts must be one of {RETRIEVAL_TEXTS}, got {retrieval_texts!r}")
     out_dir = Path(out_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model_name_or_path = check_model_source(model_name_or_path, "--model", QFORMER_OR_VLM)
-    rows = load_rows(data, split, max_samples)
+    rows = load_rows(
+        data, split, max_samples, image_column=image_column, caption_column=caption_column, id_column=id_column
+    )
+    texts = [reference_captions(row) for row in rows] if retrieval_texts == "references" else None
     with hub_errors("--model", model_name_or_path):
         processor = AutoProcessor.from_pretrained(model_name_or_path, trust_remote_code=True)
         config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=True)
@@ -96,11 +127,12 @@ def evaluate_model(
     model_type = config.model_type
     logger.info("evaluating %s (%s) on %d samples of %s", model_name_or_path, model_type, len(rows), data)
     metrics: dict = {"meta": {"model": str(model_name_or_path), "data": f"{data}" + (f" [{split}]" if split else ""),
-                              "num_samples": len(rows), "model_type": model_type, "decoding": strategy}}
+                              "num_samples": len(rows), "model_type": model_type, "decoding": strategy,
+                              "retrieval_texts": retrieval_texts}}
 
     if is_qformer:
         metrics["retrieval"] = evaluate_retrieval(
-            model, rows, processor.image_processor, processor.tokenizer, out_dir, batch_size=batch_size
+            model, rows, processor.image_processor, processor.tokenizer, out_dir, batch_size=batch_size, texts=texts
         )
     else:
         captions = evaluate_captioning(
@@ -125,7 +157,7 @@ def evaluate_model(
             )
         else:
             metrics["retrieval"] = evaluate_retrieval(
-                model.qformer, rows, processor.image_processor, tokenizer, out_dir, batch_size=batch_size
+                model.qformer, rows, processor.image_processor, tokenizer, out_dir, batch_size=batch_size, texts=texts
             )
     write_report(out_dir, metrics, log_histories)
     return metrics

@@ -79,14 +79,21 @@ def metric_tables(metrics: Mapping) -> list[tuple[str, str]]:
 
 def metric_notes(metrics: Mapping) -> list[str]:
     """How each number present was computed, one line per evaluation."""
-    decoding = metrics.get("meta", {}).get("decoding", "greedy")
+    meta = metrics.get("meta", {})
+    decoding = meta.get("decoding", "greedy")
     notes = []
     if "retrieval" in metrics:
-        notes.append("Retrieval: every image against every caption of the split; a caption of the same scene counts "
+        if meta.get("retrieval_texts") == "references":
+            texts = ("every reference caption of every image (each a text -> image query; an image -> text query hits "
+                     "at K when any caption of its image is in the top K)")
+        else:
+            texts = "every caption of the split"
+        notes.append(f"Retrieval: every image against {texts}; a caption of the same image or a duplicate of it counts "
                      "as correct; exactly tied scores count at their expected place under a random order.")
     if "captioning" in metrics:
-        notes.append("Captioning: pycocoevalcap's BLEU, ROUGE-L and CIDEr-D (with METEOR when Java was available), "
-                     f"computed once over the whole split; {decoding} decoding.")
+        notes.append("Captioning: pycocoevalcap's BLEU, ROUGE-L and CIDEr-D (with METEOR when Java was available) "
+                     f"against every reference caption of each image, computed once over the whole split; {decoding} "
+                     "decoding.")
     if "captioning_shuffled" in metrics:
         notes.append("Shuffled images: each image captioned from another scene's picture and scored against its own "
                      "references, i.e. what the caption template earns without looking.")
