@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install lint test demo clean
+.PHONY: install lint test demo app clean
 
 install: $(STAMP)
 
@@ -18,7 +18,7 @@ $(STAMP): setup.cfg pyproject.toml
 		$(PY) -m pip install -q torch==2.13.0 || \
 		$(PY) -m pip install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu; \
 	fi
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,app]'
 	touch $@
 
 # ruff's rules and line length are in pyproject.toml.
@@ -30,6 +30,12 @@ test: lint
 
 demo: install
 	$(PY) -m demo
+
+# A web page on the demo's models (after `make demo`): http://127.0.0.1:7860
+app: install
+	@test -d outputs/demo/vlm -a -d outputs/demo/qformer -a -d outputs/demo/data/validation || \
+		{ echo "outputs/demo/ has no trained models or validation shards: run make demo first" >&2; exit 1; }
+	$(PY) -m app --model outputs/demo/vlm --qformer outputs/demo/qformer --examples outputs/demo/data/validation
 
 clean:
 	rm -rf outputs/demo

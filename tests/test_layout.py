@@ -7,7 +7,7 @@ from pathlib import Path
 from tests.helpers import REPO
 
 # Each package may import the ones listed (besides itself): the data -> training -> checkpoints -> eval flow, with
-# cli under everything and the demo on top.
+# cli under everything and the demo and the app on top.
 ALLOWED = {
     "cli": set(),
     "modeling": {"cli"},
@@ -15,6 +15,7 @@ ALLOWED = {
     "eval": {"cli", "modeling", "data"},
     "training": {"cli", "modeling", "data", "eval"},
     "demo": {"cli", "modeling", "data", "eval", "training"},
+    "app": {"cli", "modeling", "data", "eval"},
     "benchmarks": {"cli", "modeling", "data", "eval", "training"},
 }
 # Saved with the weights by save_pretrained: only sibling relative imports are followed there.
