@@ -122,7 +122,8 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
         if isinstance(qformer, str):
             qformer = QFormerModel.from_pretrained(qformer)
         if isinstance(language_model, str):
-            language_model = AutoModelForCausalLM.from_pretrained(language_model)
+            # float32 like the Q-Former, whatever dtype the checkpoint has (see `modeling.presets.build_vlm`)
+            language_model = AutoModelForCausalLM.from_pretrained(language_model, dtype=torch.float32)
         if vocab_size is not None and vocab_size > language_model.get_input_embeddings().num_embeddings:
             language_model.resize_token_embeddings(vocab_size, pad_to_multiple_of=64)
         config = cls.config_class(

@@ -10,6 +10,7 @@
 
 from collections.abc import Iterable
 
+import torch
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
@@ -182,7 +183,10 @@ def build_vlm(
         lm_model = tiny_language_model(tokenizer, **(lm or {}))
     else:
         tokenizer = prepare_chat_tokenizer(AutoTokenizer.from_pretrained(language_model))
-        lm_model = AutoModelForCausalLM.from_pretrained(language_model)
+        # float32 like the rest of the VLM, whatever dtype the Hub file has (SmolLM and Qwen3 are bfloat16, which
+        # transformers 5 keeps by default): `bf16` then means autocast over float32 weights, as for the Q-Former,
+        # rather than an LM that trains, merges LoRA and is saved in bfloat16 even with `bf16: false`.
+        lm_model = AutoModelForCausalLM.from_pretrained(language_model, dtype=torch.float32)
     processor = VLMProcessor(
         image_processor=qformer_processor.image_processor,
         tokenizer=tokenizer,
