@@ -18,7 +18,8 @@ $(STAMP): setup.cfg pyproject.toml
 		$(PY) -m pip install -q torch==2.13.0 || \
 		$(PY) -m pip install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu; \
 	fi
-	$(PY) -m pip install -q -e '.[dev,app]'
+	$(PY) -m pip install -q -e '.[dev,app,bench]'
+	$(PY) -m pip install -q --no-deps lmms-eval==0.7.3
 	touch $@
 
 # ruff's rules and line length are in pyproject.toml.

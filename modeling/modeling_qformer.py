@@ -193,7 +193,9 @@ class QFormerModel(QFormerPreTrainedModel):
     def __init__(self, config: QFormerConfig):
         super().__init__(config)
         qcfg = config.qformer_config
-        self.vision_model = AutoModel.from_config(config.vision_config)
+        # The dtype the model is being built in (bfloat16 under `from_pretrained(dtype=torch.bfloat16)`, as lmms-eval
+        # loads), not the float32 recorded in the nested vision config, which would keep the encoder in float32.
+        self.vision_model = AutoModel.from_config(config.vision_config, dtype=torch.get_default_dtype())
         pooler = getattr(self.vision_model, "pooler", None)
         if pooler is not None and any(True for _ in pooler.parameters()):
             # A pooled output is never read; an unused trainable layer would also trip DDP's unused-parameter check.

@@ -61,6 +61,24 @@ class VLMProcessor(ProcessorMixin):
         chat_template = chat_template or DEFAULT_CHAT_TEMPLATE
         super().__init__(image_processor, tokenizer, qformer_tokenizer, chat_template=chat_template)
 
+    def __call__(self, images=None, text=None, videos=None, audio=None, **kwargs):
+        """`ProcessorMixin.__call__` for images and text, padding on the left unless `padding_side` is given.
+
+        Left padding because this processor's batches feed `generate`, which appends to the right end of every row
+        (harnesses such as lmms-eval batch prompts without choosing a side); training batches come from the
+        collator, which pads on the right itself. Empty `videos`/`audio`/`audios` (lmms-eval passes every modality,
+        and audio under its old name) are ignored; non-empty ones raise a `ValueError`.
+        """
+        for name, value in (("videos", videos), ("audio", audio), ("audios", kwargs.pop("audios", None))):
+            if value is not None and len(value):
+                raise ValueError(
+                    f"{type(self).__name__} takes images and text only, but got {len(value)} {name}; "
+                    f"pass {name}=None or leave it out"
+                )
+        if "padding_side" not in kwargs.get("text_kwargs", {}):
+            kwargs.setdefault("padding_side", "left")
+        return super().__call__(images=images, text=text, **kwargs)
+
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
         # Every image gives the same number of visual tokens: one per query.
         return self.image_token * self.num_query_tokens
