@@ -7,12 +7,14 @@ possible without a separate text encoder. Self-contained apart from sibling rela
 """
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from transformers import AutoModel, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import ModelOutput
@@ -126,6 +128,21 @@ def ship_code_with_weights(model: PreTrainedModel, auto_classes: tuple[str, ...]
     model.config.auto_map = auto_map
 
 
+@contextmanager
+def own_class(model: nn.Module):
+    """Gives an FSDP2-sharded model back its own class for the block (a no-op otherwise).
+
+    `fully_shard` turns the model's class into a `FSDP<Name>` subclass defined in torch; saved as it is, the folder
+    would ship torch's FSDP files as the model's code and name `FSDP<Name>` in `auto_map`.
+    """
+    sharded = type(model)
+    model.__class__ = next(cls for cls in sharded.__mro__ if not issubclass(cls, FSDPModule))
+    try:
+        yield
+    finally:
+        model.__class__ = sharded
+
+
 @dataclass
 class QFormerModelOutput(ModelOutput):
     r"""
@@ -168,8 +185,9 @@ class QFormerPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["Blip2QFormerLayer", "ViTLayer"]
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        ship_code_with_weights(self, ("AutoModel",))
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        with own_class(self):
+            ship_code_with_weights(self, ("AutoModel",))
+            return super().save_pretrained(save_directory, *args, **kwargs)
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -206,7 +224,8 @@ class QFormerModel(QFormerPreTrainedModel):
         self.vision_projection = nn.Linear(qcfg.hidden_size, config.embed_dim)
         self.text_projection = nn.Linear(qcfg.hidden_size, config.embed_dim)
         self.itm_head = nn.Linear(qcfg.hidden_size, 2)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / config.temperature)))
+        # One element, not a 0-d tensor: FSDP2 cannot shard a scalar parameter and DeepSpeed 0.19 cannot broadcast one.
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(1.0 / config.temperature)))
         self.post_init()
         if config.freeze_vision:
             self.vision_model.requires_grad_(False)

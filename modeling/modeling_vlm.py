@@ -17,7 +17,7 @@ from transformers.modeling_outputs import ModelOutput
 from transformers.utils import logging
 
 from .configuration_vlm import VLMConfig
-from .modeling_qformer import QFormerModel, ship_code_with_weights
+from .modeling_qformer import QFormerModel, own_class, ship_code_with_weights
 
 logger = logging.get_logger(__name__)
 
@@ -75,8 +75,9 @@ class VLMPreTrainedModel(PreTrainedModel):
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         # pipeline("image-text-to-text") resolves AutoModelForImageTextToText; plain loaders use AutoModel.
-        ship_code_with_weights(self, ("AutoModelForImageTextToText", "AutoModel"))
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        with own_class(self):
+            ship_code_with_weights(self, ("AutoModelForImageTextToText", "AutoModel"))
+            return super().save_pretrained(save_directory, *args, **kwargs)
 
 
 class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):

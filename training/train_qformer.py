@@ -22,6 +22,7 @@ from .checkpoints import resolve_resume_checkpoint
 from .collators import ContrastiveCollator
 from .device_normalize import DeviceNormalizeMixin
 from .feature_cache import with_feature_cache
+from .fsdp import wrap_declared_layers
 from .models import build_stage1_model, log_parameter_count
 from .stage import load_splits, run_stage, start_stage, text_corpus
 from .streaming import StreamingTrainerMixin, rows_to_check
@@ -106,6 +107,7 @@ def build_trainer(
         "dataset": data_args.train_data,
         "base_models": [model_args.vision_model_name_or_path, model_args.text_model_name_or_path],
     }
+    wrap_declared_layers(trainer)
     return trainer, resume_from
 
 

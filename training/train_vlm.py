@@ -24,6 +24,7 @@ from .checkpoints import resolve_resume_checkpoint
 from .collators import CaptioningCollator
 from .device_normalize import DeviceNormalizeMixin
 from .feature_cache import with_feature_cache
+from .fsdp import wrap_declared_layers
 from .models import build_stage2_model, log_parameter_count
 from .stage import load_splits, run_stage, start_stage, text_corpus
 from .streaming import StreamingTrainerMixin, rows_to_check
@@ -46,7 +47,8 @@ class SampleCaptionsCallback(TrainerCallback):
         self.trainer, self.rows, self.processor, self.max_new_tokens = trainer, rows, processor, max_new_tokens
 
     def on_evaluate(self, args, state, control, **kwargs):
-        if not state.is_world_process_zero:
+        # A model sharded by FSDP runs a forward pass only with every process taking part: all of them generate.
+        if not (state.is_world_process_zero or self.trainer.is_fsdp_enabled):
             return
         model = self.trainer.model
         was_training = model.training
@@ -55,6 +57,8 @@ class SampleCaptionsCallback(TrainerCallback):
                                    [CAPTION_PROMPT] * len(self.rows), batch_size=len(self.rows),
                                    max_new_tokens=self.max_new_tokens, seed=None, desc="sample captions")
         model.train(was_training)
+        if not state.is_world_process_zero:
+            return
         samples = [(row["caption"], text) for row, text in zip(self.rows, generated)]
         self.trainer.card_samples = samples
         text = "\n".join(f"  reference: {ref}\n  generated: {gen}" for ref, gen in samples)
@@ -66,16 +70,19 @@ class SampleCaptionsCallback(TrainerCallback):
 
 
 def save_outputs(trainer: VLMTrainer, processor, output_dir: str) -> None:
-    """Writes the merged model, its processor and card to `output_dir` and, with LoRA, the peft adapter and its card
-    to `adapter/` (on the main process)."""
+    """Writes the model (merged, with LoRA), its processor and card to `output_dir` and, with LoRA, the peft adapter
+    and its card to `adapter/`."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if not hasattr(model, "merge_and_unload"):
+        # The Trainer's save, on every process: under FSDP the weights are gathered from all of them.
+        trainer.save_model(output_dir)
+        return
     if not trainer.is_world_process_zero():
         return
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    if hasattr(model, "merge_and_unload"):
-        save_adapter(model, Path(output_dir) / "adapter")
-        trainer.write_card(Path(output_dir) / "adapter", adapter=True)
-        model = model.merge_and_unload()
-        trainer.model = model
+    save_adapter(model, Path(output_dir) / "adapter")
+    trainer.write_card(Path(output_dir) / "adapter", adapter=True)
+    model = model.merge_and_unload()
+    trainer.model = model
     model.save_pretrained(output_dir)
     processor.save_pretrained(output_dir)
     trainer.write_card(output_dir)
@@ -121,6 +128,7 @@ def build_trainer(
     trainer.card_info = {"dataset": data_args.train_data, "base_models": [model_args.language_model_name_or_path]}
     sample_rows = [eval_dataset[i] for i in range(min(4, len(eval_dataset)))]
     trainer.add_callback(SampleCaptionsCallback(trainer, sample_rows, processor))
+    wrap_declared_layers(trainer)
     return trainer, resume_from
 
 
