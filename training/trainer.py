@@ -6,8 +6,10 @@ import logging
 import os
 import re
 from collections.abc import Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
+import transformers.trainer
 from peft import PeftModel
 from transformers import PreTrainedModel, Trainer
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
@@ -107,6 +109,37 @@ class ParamGroupTrainer(Trainer):
         return True
 
 
+# Pickles: training_args.bin (the arguments), and in checkpoints the optimizer, scheduler and RNG states. A pickle
+# runs code when loaded, so none goes up to the Hub: a pushed checkpoint holds weights, card and processor, and a run
+# resumes from its local checkpoint folder.
+PICKLE_PATTERNS = ["*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle"]
+
+
+class _UploadsWithoutPickles:
+    """The Hub API the Trainer pushes through, with `PICKLE_PATTERNS` added to every upload_folder's ignore list."""
+
+    def __init__(self, api):
+        self._api = api
+
+    def __getattr__(self, name):
+        return getattr(self._api, name)
+
+    def upload_folder(self, *args, ignore_patterns=None, **kwargs):
+        return self._api.upload_folder(*args, ignore_patterns=[*(ignore_patterns or []), *PICKLE_PATTERNS], **kwargs)
+
+
+@contextmanager
+def uploads_without_pickles():
+    """For the Trainer's own pushes (`push_to_hub`, the pushes at each save), which upload whole folders with fixed
+    ignore patterns: its Hub API is wrapped for the duration of the call."""
+    real = transformers.trainer.hf_api
+    transformers.trainer.hf_api = lambda: _UploadsWithoutPickles(real())
+    try:
+        yield
+    finally:
+        transformers.trainer.hf_api = real
+
+
 class ModelCardTrainerMixin:
     """Trainer mixin: our card in every folder the Trainer saves a model to, and in what `push_to_hub` uploads.
 
@@ -164,4 +197,9 @@ class ModelCardTrainerMixin:
         # Pushes during training (hub_strategy) upload the output folder, not the checkpoint: card it first.
         if self.is_world_process_zero():
             self.write_card(self.args.output_dir)
-        super()._push_from_checkpoint(checkpoint_folder)
+        with uploads_without_pickles():
+            super()._push_from_checkpoint(checkpoint_folder)
+
+    def push_to_hub(self, *args, **kwargs):
+        with uploads_without_pickles():
+            return super().push_to_hub(*args, **kwargs)

@@ -1,5 +1,5 @@
-"""A Hub token given to a training script is in no file it writes and in nothing it uploads, and pushes still
-authenticate with it."""
+"""A Hub token given to a training script is in no file it writes and in nothing it uploads, pushes still
+authenticate with it, and no pickle is uploaded."""
 
 import huggingface_hub
 import pytest
@@ -26,6 +26,10 @@ def test_the_token_reaches_no_file_and_no_upload(given_in, shapes_data, folder_h
 
     uploaded = folder_hub.uploaded["someone/q"]
     assert "model.safetensors" in uploaded and "last-checkpoint/model.safetensors" in uploaded
+    # training_args.bin, optimizer.pt, scheduler.pt, rng_state.pth are written locally, and none is uploaded.
+    assert (out / "training_args.bin").is_file() and (out / "checkpoint-1" / "optimizer.pt").is_file()
+    pickles = [path for path in uploaded if path.endswith((".bin", ".pt", ".pth", ".pkl", ".pickle"))]
+    assert not pickles, pickles
     written = [path for path in [*out.rglob("*"), *folder_hub.root.rglob("*")] if path.is_file()]
     assert len(written) > 20
     leaking = [str(path) for path in written if CANARY.encode() in path.read_bytes()]
