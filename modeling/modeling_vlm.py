@@ -196,7 +196,9 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
             pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, height, width)`, *optional*):
                 One image per sample. Only the first (prefill) step of generation receives them.
             attention_mask (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
-                1 for tokens, 0 for padding (left padding for generation, right padding for training).
+                1 for tokens, 0 for padding (left padding for generation, right padding for training). Or a boolean
+                `(batch_size, 1, sequence_length, sequence_length)` mask, True where a token may attend (the
+                collator's `separate_turns` batches), used with `position_ids`.
             labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
                 Target ids aligned with `input_ids`; -100 everywhere except the answer tokens.
             vision_features (`torch.FloatTensor` of shape `(batch_size, num_patches, vision_hidden)`, *optional*):
@@ -211,6 +213,8 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
                 image_features = self.get_image_features(pixel_values, vision_features)
                 inputs_embeds = self._merge_image_features(input_ids, inputs_embeds, image_features)
 
+        if attention_mask is not None and attention_mask.dim() == 4:
+            attention_mask = self._custom_mask(attention_mask, inputs_embeds.dtype)
         if labels is not None and self.config.label_logits_only:
             return self._forward_label_logits_only(
                 inputs_embeds, attention_mask, position_ids, labels, image_features, **kwargs
@@ -234,6 +238,18 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
             attentions=outputs.attentions,
             image_features=image_features,
         )
+
+    def _custom_mask(self, visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """A boolean `(B, 1, T, T)` mask in the form the LM's attention takes a prepared mask: as it is for SDPA and
+        flex attention, additive (0 or the dtype's minimum) for eager attention."""
+        implementation = self.language_model.config._attn_implementation
+        if implementation in ("sdpa", "flex_attention"):
+            return visible
+        if implementation == "eager":
+            return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill(
+                ~visible, torch.finfo(dtype).min)
+        raise ValueError(f"a (B, 1, T, T) attention mask (separate_turns) needs sdpa or eager attention, not "
+                         f"{implementation!r}; load the model with attn_implementation='sdpa'")
 
     def _forward_label_logits_only(
         self, inputs_embeds, attention_mask, position_ids, labels, image_features, num_items_in_batch=None, **kwargs

@@ -226,6 +226,11 @@ class DataArguments:
     qa_turns: int = field(
         default=3, metadata={"help": "Stage 2: question-answer turns per image beside the caption (the data's qa)."}
     )
+    separate_turns: bool = field(
+        default=False,
+        metadata={"help": "Stage 2: every turn (the caption, each question) is a conversation of its own with the "
+                          "image, so no answer can be read off an earlier turn, as in evaluation."},
+    )
     pixel_format: Literal["float", "uint8"] = field(
         default="float",
         metadata={"help": "'uint8': the loader sends uint8 pixels, normalised on the GPU (4x fewer bytes to move); "

@@ -119,6 +119,11 @@ class CaptioningCollator:
         with_caption: include the captioning turn.
         seed: varies the instruction choice between runs, never between processes or resumptions.
         pixel_format: as in `ContrastiveCollator`.
+        separate_turns: every turn sees the image and its own question only, as evaluation asks them, never an
+            earlier turn (whose caption or answers would give the answer away as text). The turns share one copy
+            of the image prefix: each one's tokens get the positions and the attention they would have in a
+            conversation of its own (a `(B, 1, T, T)` boolean `attention_mask` and `position_ids`), so a batch
+            costs what the multi-turn conversation costs.
     """
 
     processor: object
@@ -128,6 +133,7 @@ class CaptioningCollator:
     seed: int = 0
     instructions: Sequence[str] = field(default=CAPTION_INSTRUCTIONS)
     pixel_format: str = "float"
+    separate_turns: bool = False
 
     def check_dataset(self, dataset, name: str) -> None:
         """Raises `UserError` before training when `dataset` does not fit these settings: question-answer turns
@@ -173,43 +179,85 @@ class CaptioningCollator:
         return text, spans
 
     def __call__(self, rows: Sequence[dict]) -> dict[str, torch.Tensor]:
-        tokenizer = self.processor.tokenizer
+        pixels = pixel_batch(self.processor.image_processor, [row["image"] for row in rows], self.pixel_format)
+        if self.separate_turns:
+            return {**self._shared_prefix_batch(rows), **pixels}
+        texts, spans = zip(*(self._expanded(self.render(self.conversation(row))) for row in rows))
+        self.processor.tokenizer.padding_side = "right"
+        encoded = self._tokenize(list(texts), padding=True)
+        self._check_image_tokens(encoded["input_ids"])
+        labels = torch.full_like(encoded["input_ids"], -100)
+        for i, answer_spans in enumerate(spans):
+            inside = self._inside(encoded["offset_mapping"][i], answer_spans)
+            labels[i, inside] = encoded["input_ids"][i, inside]
+        return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"], **pixels,
+                "labels": labels}
+
+    def _expanded(self, rendered: tuple[str, list[tuple[int, int]]]) -> tuple[str, list[tuple[int, int]]]:
+        """Expands the image placeholder as the processor does; answers all come after it, so their spans shift."""
+        text, spans = rendered
         image_tokens = self.processor.image_token * self.processor.num_query_tokens
-        texts, all_spans = [], []
-        for row in rows:
-            text, spans = self.render(self.conversation(row))
-            # Expand the placeholder as the processor does; answers all come after it, so shift their spans.
-            shift = len(image_tokens) - len(self.processor.image_token)
-            texts.append(text.replace(self.processor.image_token, image_tokens, 1))
-            all_spans.append([(start + shift, end + shift) for start, end in spans])
-        tokenizer.padding_side = "right"
-        encoded = tokenizer(
-            texts,
-            padding=True,
-            truncation=True,
-            max_length=self.max_length,
-            return_offsets_mapping=True,
-            add_special_tokens=False,
-            return_tensors="pt",
+        shift = len(image_tokens) - len(self.processor.image_token)
+        return text.replace(self.processor.image_token, image_tokens, 1), [(a + shift, b + shift) for a, b in spans]
+
+    def _tokenize(self, texts: list[str], padding: bool):
+        return self.processor.tokenizer(
+            texts, padding=padding, truncation=padding, max_length=self.max_length if padding else None,
+            return_offsets_mapping=True, add_special_tokens=False, return_tensors="pt" if padding else None,
         )
-        image_id = self.processor.image_token_id
-        if not bool((encoded["input_ids"] == image_id).sum(dim=1).eq(self.processor.num_query_tokens).all()):
+
+    @staticmethod
+    def _inside(offsets, spans: list[tuple[int, int]]):
+        """Which tokens (by their character offsets) lie inside one of the answer spans."""
+        offsets = torch.as_tensor(offsets).reshape(-1, 2)
+        starts, ends = offsets[:, 0], offsets[:, 1]
+        inside = torch.zeros(len(offsets), dtype=torch.bool)
+        for start, end in spans:
+            inside |= (starts >= start) & (ends <= end) & (ends > starts)
+        return inside
+
+    def _check_image_tokens(self, input_ids: torch.Tensor) -> None:
+        if not bool((input_ids == self.processor.image_token_id).sum(dim=1).eq(self.processor.num_query_tokens).all()):
             raise UserError(
                 f"max_length: {self.max_length} cuts into the {self.processor.num_query_tokens} image tokens of a "
                 f"conversation; raise max_length"
             )
-        labels = torch.full_like(encoded["input_ids"], -100)
-        for i, spans in enumerate(all_spans):
-            starts, ends = encoded["offset_mapping"][i, :, 0], encoded["offset_mapping"][i, :, 1]
-            for start, end in spans:
-                inside = (starts >= start) & (ends <= end) & (ends > starts)
-                labels[i, inside] = encoded["input_ids"][i, inside]
-        return {
-            "input_ids": encoded["input_ids"],
-            "attention_mask": encoded["attention_mask"],
-            **pixel_batch(self.processor.image_processor, [row["image"] for row in rows], self.pixel_format),
-            "labels": labels,
-        }
+
+    def _shared_prefix_batch(self, rows: Sequence[dict]) -> dict[str, torch.Tensor]:
+        """One sequence per image: the prefix up to the last image token once, then every turn's tokens, each turn
+        placed (positions) and masked (attention) as if it followed the prefix alone."""
+        image_id, pad_id = self.processor.image_token_id, self.processor.tokenizer.pad_token_id
+        sequences = []
+        for row in rows:
+            turns = [self._expanded(self.render([turn])) for turn in self.conversation(row)]
+            encoded = self._tokenize([text for text, _ in turns], padding=False)
+            ids, labels, positions, segments = [], [], [], []
+            for k, (turn_ids, offsets, (_, spans)) in enumerate(
+                    zip(encoded["input_ids"], encoded["offset_mapping"], turns)):
+                prefix = max(i for i, token in enumerate(turn_ids) if token == image_id) + 1
+                if k == 0:
+                    ids, positions, segments = list(turn_ids[:prefix]), list(range(prefix)), [0] * prefix
+                    labels = [-100] * prefix
+                elif turn_ids[:prefix] != ids[:prefix]:
+                    raise ValueError("the chat template does not start every one-turn conversation the same way")
+                inside = self._inside(offsets, spans)[prefix:]
+                ids += turn_ids[prefix:]
+                labels += [t if keep else -100 for t, keep in zip(turn_ids[prefix:], inside.tolist())]
+                positions += range(prefix, len(turn_ids))
+                segments += [k + 1] * (len(turn_ids) - prefix)
+            sequences.append([values[: self.max_length] for values in (ids, labels, positions, segments)])
+        length = max(len(ids) for ids, *_ in sequences)
+        padded = [[values + [fill] * (length - len(values)) for values, fill in zip(seq, (pad_id, -100, 0, -1))]
+                  for seq in sequences]
+        input_ids, labels, position_ids, segments = (torch.tensor([seq[i] for seq in padded]) for i in range(4))
+        self._check_image_tokens(input_ids)
+        # Token i sees token j <= i of the shared prefix (segment 0) or of its own turn; padding sees itself only.
+        causal = torch.ones(length, length, dtype=torch.bool).tril()
+        same = (segments[:, :, None] == segments[:, None, :]) | (segments[:, None, :] == 0)
+        visible = causal & same & (segments[:, None, :] >= 0)
+        visible |= torch.eye(length, dtype=torch.bool)
+        return {"input_ids": input_ids, "attention_mask": visible[:, None], "position_ids": position_ids,
+                "labels": labels}
 
 
 __all__ = ["CAPTION_INSTRUCTIONS", "CaptioningCollator", "ContrastiveCollator"]

@@ -105,7 +105,8 @@ def build_trainer(
     # Batches: a chat conversation per image (caption and question-answer turns), loss on the answers only;
     # checked against the data now, not at the batch that would fail.
     collator = CaptioningCollator(processor, max_length=data_args.max_length, qa_turns=data_args.qa_turns,
-                                  seed=training_args.seed, pixel_format=data_args.pixel_format)
+                                  seed=training_args.seed, pixel_format=data_args.pixel_format,
+                                  separate_turns=data_args.separate_turns)
     collator.check_dataset(rows_to_check(train_dataset), "the training data")
     trainer_eval_dataset = eval_dataset  # the sample-captions callback below keeps the decoded images
     if data_args.feature_cache:

@@ -76,6 +76,49 @@ def test_the_same_sample_gets_the_same_conversation_in_any_batch(rows_and_proces
     assert torch.equal(together["labels"][3, :length], alone["labels"][0, :length])
 
 
+def test_separate_turns_equal_one_conversation_per_turn(rows_and_processor):
+    """With separate_turns each turn must see the image and its own question only: the shared-prefix batch gives
+    every answer token the logits it gets in a conversation of its own (the way evaluation asks)."""
+    rows, processor = rows_and_processor
+    qformer, qformer_processor = tiny_qformer_and_processor()
+    model, _ = build_vlm(qformer, qformer_processor, corpus=[r["caption"] for r in rows], lm=TINY_LM,
+                         lm_vocab_size=300)
+    model.language_model.resize_token_embeddings(len(processor.tokenizer))
+    model.config.image_token_id = processor.image_token_id
+    model.eval()
+    collator = CaptioningCollator(processor, max_length=512, qa_turns=20, separate_turns=True)
+    shared = collator(rows)
+    assert shared["attention_mask"].shape == (len(rows), 1, shared["input_ids"].shape[1], shared["input_ids"].shape[1])
+    with torch.no_grad():
+        hidden = model(**{**shared, "labels": None}).logits
+    alone = CaptioningCollator(processor, max_length=512, qa_turns=0)
+    checked = 0
+    for i, row in enumerate(rows):
+        turns = collator.conversation(row)
+        assert len(turns) == 1 + len(row["qa"])
+        for k, turn in enumerate(turns):
+            batch = alone._tokenize([alone._expanded(alone.render([turn]))[0]], padding=True)
+            with torch.no_grad():
+                single = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                               pixel_values=shared["pixel_values"][i : i + 1]).logits[0]
+            # The turn's tokens in the shared sequence: segment k + 1 follows the prefix at positions prefix..end.
+            positions = shared["position_ids"][i]
+            starts = (positions[1:] < positions[:-1]).nonzero().flatten() + 1
+            prefix = int((batch["input_ids"][0] == processor.image_token_id).nonzero().max()) + 1
+            begin = prefix if k == 0 else int(starts[k - 1])
+            end = begin + (len(batch["input_ids"][0]) - prefix)
+            assert torch.equal(shared["input_ids"][i, begin:end], batch["input_ids"][0, prefix:])
+            torch.testing.assert_close(hidden[i, begin:end], single[prefix:], atol=1e-4, rtol=1e-4)
+            checked += 1
+    assert checked == sum(1 + len(row["qa"]) for row in rows)
+    # Only answers carry loss, and every answer of every turn does.
+    answers = [processor.tokenizer.decode(run) for i in range(len(rows))
+               for run in labelled_runs(shared["labels"][i], shared["input_ids"][i])]
+    end_token = processor.tokenizer.eos_token
+    assert sorted(answers) == sorted([r["caption"] + end_token for r in rows]
+                                     + [qa["answer"] + end_token for r in rows for qa in r["qa"]])
+
+
 def test_hard_negatives_cover_every_kind_of_change(shapes_data):
     """The generator lists colour changes first; the collator must still show shape, size and position changes,
     and pick the same ones for a sample wherever it lands."""
