@@ -25,7 +25,10 @@ REFERENCE_DROPPED = "unusable reference or negative caption dropped"
 QA_DROPPED = "unusable question-answer pair dropped"
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
-_QA_FEATURE = {"question": Value("string"), "answer": Value("string"), "type": Value("string")}
+# "about": the noun phrase of the object a question asks about (synthetic shapes data; None elsewhere), which tells
+# evaluation the questions about held-out attribute combinations.
+_QA_FEATURE = {"question": Value("string"), "answer": Value("string"), "type": Value("string"),
+               "about": Value("string")}
 OUTPUT_FEATURES = Features(
     {
         "image": datasets.Image(mode="RGB"),
@@ -83,7 +86,7 @@ def _clean_texts(values: Any, options: CleaningOptions, repairs: list[str]) -> l
 
 
 def _clean_qa(pairs: Any, options: CleaningOptions, repairs: list[str]) -> list[dict[str, str]]:
-    """Keep the pairs whose question and answer are usable text; type defaults to "open"."""
+    """Keep the pairs whose question and answer are usable text; type defaults to "open", about to None."""
     cleaned = []
     for pair in _as_list(pairs, repairs, QA_DROPPED):
         if not isinstance(pair, dict):
@@ -95,7 +98,8 @@ def _clean_qa(pairs: Any, options: CleaningOptions, repairs: list[str]) -> list[
         if question is None or answer is None:
             repairs.append(QA_DROPPED)
         else:
-            cleaned.append({"question": question, "answer": answer, "type": kind})
+            about = pair.get("about") if isinstance(pair.get("about"), str) else None
+            cleaned.append({"question": question, "answer": answer, "type": kind, "about": about})
     return cleaned
 
 

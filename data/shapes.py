@@ -327,27 +327,33 @@ def _article(word: str) -> str:
 def questions_for(
     scene: Sequence[ShapeObject], rng: random.Random, holdouts: Sequence[Holdout] = ()
 ) -> list[dict[str, str]]:
-    """Question-answer pairs about the scene, each {"question", "answer", "type"}.
+    """Question-answer pairs about the scene, each {"question", "answer", "type", "about"}.
 
     Types: count, color (one per object, asked by shape and position, which forces binding),
     shape, size, position (asked only of an object whose description is unique), exists (one yes,
     one no; the "no" never names a held-out combination).
+
+    "about" is the noun phrase of the object asked about, so evaluation can tell questions about
+    held-out combinations apart: the drawn object's description ("small green triangle") for
+    color/shape/size/position and the exists-"yes" question, the colour and shape named by the
+    exists-"no" question ("green triangle": no object is drawn), "" for the count question.
     """
     scene = make_scene(scene)
-    qa = [{"question": "how many shapes are there?", "answer": COUNT_WORDS[len(scene)], "type": "count"}]
+    qa = [{"question": "how many shapes are there?", "answer": COUNT_WORDS[len(scene)], "type": "count", "about": ""}]
     for obj in scene:
         where = position_phrase(obj.row, obj.col)
-        qa.append({"question": f"what color is the {obj.shape} in the {where}?", "answer": obj.color, "type": "color"})
+        qa.append({"question": f"what color is the {obj.shape} in the {where}?", "answer": obj.color, "type": "color",
+                   "about": obj.description})
     obj = rng.choice(scene)
-    qa.append(
-        {"question": f"what shape is in the {position_phrase(obj.row, obj.col)}?", "answer": obj.shape, "type": "shape"}
-    )
+    qa.append({"question": f"what shape is in the {position_phrase(obj.row, obj.col)}?", "answer": obj.shape,
+               "type": "shape", "about": obj.description})
     obj = rng.choice(scene)
     qa.append(
         {
             "question": f"what size is the {obj.shape} in the {position_phrase(obj.row, obj.col)}?",
             "answer": obj.size,
             "type": "size",
+            "about": obj.description,
         }
     )
     unique = [o for o in scene if sum(other.description == o.description for other in scene) == 1]
@@ -358,11 +364,12 @@ def questions_for(
                 "question": f"where is the {obj.description}?",
                 "answer": position_phrase(obj.row, obj.col),
                 "type": "position",
+                "about": obj.description,
             }
         )
     obj = rng.choice(scene)
     question = f"is there {_article(obj.color)} {obj.color} {obj.shape}?"
-    qa.append({"question": question, "answer": "yes", "type": "exists"})
+    qa.append({"question": question, "answer": "yes", "type": "exists", "about": obj.description})
     present = {(o.color, o.shape) for o in scene}
     absent = [
         (color, shape)
@@ -373,5 +380,6 @@ def questions_for(
     ]
     if absent:  # empty only when holdouts cover nearly every colour-shape pair
         color, shape = rng.choice(absent)
-        qa.append({"question": f"is there {_article(color)} {color} {shape}?", "answer": "no", "type": "exists"})
+        qa.append({"question": f"is there {_article(color)} {color} {shape}?", "answer": "no", "type": "exists",
+                   "about": f"{color} {shape}"})
     return qa

@@ -10,7 +10,9 @@ and a JSON record with everything evaluation and training need beyond img2datase
     negative_captions the caption's template applied to the scene with exactly one attribute of one
                       object changed (every object's colour, one shape, one size, one position):
                       text-side hard negatives that force colour to be bound to objects
-    qa                [{"question", "answer", "type"}], type in count/color/shape/size/position/exists
+    qa                [{"question", "answer", "type", "about"}], type in count/color/shape/size/position/
+                      exists; about: the noun phrase of the object asked about ("" for count), which
+                      tells evaluation the questions about held-out combinations
 
 Every shard is generated from its own seeded RNG, so the output depends only on the arguments,
 never on the number of processes. Held-out combinations (`--holdout "green triangle"`) never appear

@@ -86,6 +86,26 @@ def _picture(out_dir: Path, name: str, caption: str) -> list[str]:
     return [f"![{caption}]({name})", "", f"*{caption}*", ""] if (out_dir / name).exists() else []
 
 
+def _holdout_table(metrics: Mapping) -> str | None:
+    """Seen vs held-out scores side by side (data generated with held-out combinations), or None without them."""
+    columns = []  # (header, seen, held out)
+    retrieval, scene, vqa = (metrics.get(key, {}) for key in ("retrieval", "caption_scene", "vqa"))
+    if "held_out" in retrieval:
+        columns += [(name, retrieval["seen"][key], retrieval["held_out"][key])
+                    for key, name in (("i2t_r1", "image -> text R@1"), ("t2i_r1", "text -> image R@1"),
+                                      ("num_images", "images"))]
+    if "object_recall_held_out" in scene:
+        columns += [("caption object R", scene["object_recall_seen"], scene["object_recall_held_out"]),
+                    ("objects", scene["objects_seen"], scene["objects_held_out"])]
+    if "held_out" in vqa:
+        columns += [("VQA accuracy", vqa["seen"]["accuracy"], vqa["held_out"]["accuracy"]),
+                    ("questions", vqa["seen"]["num_questions"], vqa["held_out"]["num_questions"])]
+    if not columns:
+        return None
+    rows = [[label] + [column[index] for column in columns] for index, label in ((1, "seen"), (2, "held out"))]
+    return markdown_table(["combinations"] + [column[0] for column in columns], rows)
+
+
 def write_report(
     out_dir: str | Path,
     metrics: Mapping,
@@ -96,7 +116,8 @@ def write_report(
     Args:
         metrics: `{"meta": {"model", "data", "num_samples", "decoding"}, "retrieval": ..., "captioning": ...,
             "captioning_shuffled": ..., "caption_scene": ..., "caption_scene_shuffled": ..., "vqa": ...}`;
-            any part may be missing. Pictures already in `out_dir` (similarity_grid.png, captions.png) are shown.
+            any part may be missing. Seen vs held-out scores (see `eval.run.evaluate_model`) get a table of their
+            own. Pictures already in `out_dir` (similarity_grid.png, captions.png) are shown.
         log_histories: run label -> Trainer `log_history` (see `load_log_history`).
 
     Returns:
@@ -127,6 +148,14 @@ def write_report(
     if "vqa" in metrics:
         lines += ["## Visual question answering", "", vqa_table(metrics["vqa"]), ""]
         lines += ["Every answer is in `vqa.csv`.", ""]
+    holdouts = _holdout_table(metrics)
+    if holdouts:
+        combos = ", ".join(f"*{text}*" for text in meta.get("holdouts", []))
+        lines += ["## Seen vs held-out combinations", "",
+                  f"Held out of training: {combos} (in no training image, caption, hard negative or question). "
+                  "Retrieval: the images showing one, and their captions, as queries among all candidates; caption "
+                  "recall: the objects of those combinations; VQA: the questions about them. Seen: all the others.",
+                  "", holdouts, ""]
     if log_histories:
         lines += ["## Training curves", ""]
         lines += _picture(out_dir, "curves.png", "Loss, learning rate and evaluation metrics against the step.")

@@ -13,11 +13,14 @@ text is correct for every image of its group and vice versa, so a retrieved dupl
 Several texts per image (COCO and Flickr30k give five): every text is a query of its own for
 text -> image, and an image -> text query is a hit at K when any of its image's texts is in the
 top K. This is the standard COCO/Flickr30k protocol; the rank is that of the best-placed one.
+
+Query subsets (e.g. the images showing a combination held out of training, and their texts): the
+same ranking over every candidate, averaged over the subset's queries only.
 """
 
 import math
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +32,8 @@ from tqdm.auto import tqdm
 from .figures import plt, save_figure
 
 RECALL_AT = (1, 5, 10)
+# A subset has fewer queries (a few dozen held-out images), so only its coarser recalls are reported.
+SUBSET_RECALL_AT = (1, 5)
 
 
 def _expected_first_hit(
@@ -87,19 +92,22 @@ def retrieval_metrics(
     similarity: torch.Tensor,
     image_group_ids: Sequence | torch.Tensor | None = None,
     text_group_ids: Sequence | torch.Tensor | None = None,
-) -> dict[str, float]:
+    query_subsets: Mapping[str, tuple[Sequence[bool], Sequence[bool]]] | None = None,
+) -> dict:
     """Recall@1/5/10 and mean/median rank, image->text (i2t) and text->image (t2i).
 
     Args:
         similarity: `(N_img, N_txt)` scores, higher is more similar.
         image_group_ids: `N_img` ids; `None` means image i's only correct text is text i.
         text_group_ids: `N_txt` ids; a text is correct for every image with an equal id.
+        query_subsets: name -> `(N_img flags, N_txt flags)`: the image and the text queries of a subset.
 
     Returns:
         `i2t_r1, i2t_r5, i2t_r10, t2i_r1, t2i_r5, t2i_r10` as fractions in [0, 1], and
         `i2t_mean_rank, i2t_median_rank, t2i_mean_rank, t2i_median_rank` (1 = first). Ties count at
         their expected value under a random order (see the module docstring); the median is taken
-        over the per-query expected ranks.
+        over the per-query expected ranks. Each query subset adds `{name: {"i2t_r1", "i2t_r5", "t2i_r1",
+        "t2i_r5", "num_images", "num_texts"}}`: the recalls of its queries, ranked among all candidates.
     """
     n_img, n_txt = similarity.shape
     if image_group_ids is None and text_group_ids is None:
@@ -124,15 +132,44 @@ def retrieval_metrics(
                 "every group needs at least one image and one text."
             )
 
-    results: dict[str, float] = {}
+    results: dict = {}
+    recalls: dict[str, torch.Tensor] = {}
     similarity = similarity.detach().cpu()
     for direction, scores, pos in (("i2t", similarity, positives), ("t2i", similarity.t(), positives.t())):
         recall, rank = _expected_first_hit(scores, pos, RECALL_AT)
+        recalls[direction] = recall
         for k, value in zip(RECALL_AT, recall.mean(dim=0).tolist()):
             results[f"{direction}_r{k}"] = value
         results[f"{direction}_mean_rank"] = rank.mean().item()
         results[f"{direction}_median_rank"] = float(np.median(rank.numpy()))
+    for name, (image_flags, text_flags) in (query_subsets or {}).items():
+        results[name] = _subset_recalls(name, recalls, {"i2t": image_flags, "t2i": text_flags})
     return results
+
+
+def _subset_recalls(name: str, recalls: Mapping[str, torch.Tensor], flags: Mapping[str, Sequence[bool]]) -> dict:
+    """Recall@`SUBSET_RECALL_AT` averaged over the flagged queries of each direction.
+
+    Args:
+        recalls: direction -> `(Q, len(RECALL_AT))` per-query recalls from `_expected_first_hit`.
+        flags: direction -> `Q` flags, True for the subset's queries.
+
+    Returns:
+        `{"i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5", "num_images", "num_texts"}`.
+    """
+    block: dict = {}
+    counts = {}
+    for direction, recall in recalls.items():
+        mask = torch.tensor([bool(flag) for flag in flags[direction]], dtype=torch.bool)
+        if len(mask) != len(recall):
+            raise ValueError(f"query subset {name!r} has {len(mask)} {direction} flags for {len(recall)} queries; "
+                             "give one per query")
+        if not mask.any():
+            raise ValueError(f"query subset {name!r} has no {direction} query; flag at least one image and one text")
+        for k in SUBSET_RECALL_AT:
+            block[f"{direction}_r{k}"] = recall[mask, RECALL_AT.index(k)].mean().item()
+        counts["num_images" if direction == "i2t" else "num_texts"] = int(mask.sum())
+    return {**block, **counts}
 
 
 @torch.no_grad()
@@ -254,16 +291,20 @@ def evaluate_retrieval(
     batch_size: int = 64,
     grid_size: int = 8,
     texts: Sequence[Sequence[str]] | None = None,
-) -> dict[str, float]:
+    row_subsets: Mapping[str, Sequence[bool]] | None = None,
+) -> dict:
     """Retrieval metrics of a stage-1 Q-Former over `dataset`, and the similarity grid.
 
     Every row gives one image and its texts: `texts[i]` when given (e.g. all five captions of a
     COCO image), else its `caption`. Rows sharing a `group_id` are duplicates of each other (rows
     without one are their own group); a text belongs to its row's group. When `out_dir` is given
     the first `grid_size` rows are drawn, each with its first text, to `out_dir/similarity_grid.png`.
+    `row_subsets` (name -> one flag per row) are query subsets: a subset's image queries are its rows'
+    images, its text queries their texts.
 
     Returns:
-        `retrieval_metrics`' numbers, `num_images` and `num_pairs` (texts, each paired with its image).
+        `retrieval_metrics`' numbers (with a block per row subset), `num_images` and `num_pairs` (texts, each
+        paired with its image).
     """
     groups = [f"row-{i}" if g is None else g for i, g in enumerate(_column(dataset, "group_id"))]
     texts = [[c] for c in _column(dataset, "caption")] if texts is None else [list(t) for t in texts]
@@ -273,7 +314,10 @@ def evaluate_retrieval(
     text_groups = [group for group, row_texts in zip(groups, texts) for _ in row_texts]
     image_embeds, text_embeds = compute_embeddings(model, dataset, image_processor, tokenizer, batch_size, texts=flat)
     similarity = pairwise_similarity(model, image_embeds, text_embeds)
-    metrics = {**retrieval_metrics(similarity, groups, text_groups), "num_images": len(groups), "num_pairs": len(flat)}
+    subsets = {name: (list(flags), [flag for flag, row_texts in zip(flags, texts) for _ in row_texts])
+               for name, flags in (row_subsets or {}).items()}
+    metrics = {**retrieval_metrics(similarity, groups, text_groups, subsets), "num_images": len(groups),
+               "num_pairs": len(flat)}
     if out_dir is not None:
         n = min(grid_size, len(groups))
         first_texts = np.cumsum([0] + [len(t) for t in texts[: n - 1]]).tolist()  # where each row's texts start

@@ -2,7 +2,9 @@
 
 A stage-1 Q-Former gets retrieval. A VLM gets captioning (optionally also with shuffled images),
 VQA when the rows have question-answer pairs, caption-vs-scene checks on synthetic shapes data, and
-retrieval through its Q-Former when the Q-Former's text tokenizer can be found.
+retrieval through its Q-Former when the Q-Former's text tokenizer can be found. On shapes data generated
+with held-out combinations (recorded in its generation.json) each of these is also scored seen vs held out
+(`eval.holdout`).
 
 Standard sets (COCO Karpathy test, Flickr30k test) come as one row per image with a list of
 reference captions: the column mapping names the image, caption-list and image-id columns, every
@@ -18,11 +20,12 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
 from data.loading import load_image_text_dataset
-from data.shapes import parse_caption
+from data.shapes import Holdout, parse_caption, parse_holdout
 from modeling import QFormerConfig
 from modeling.model_folders import QFORMER_OR_VLM, check_model_source, hub_errors
 
 from .captioning import evaluate_captioning, reference_captions
+from .holdout import held_out_question_test, held_out_rows, recorded_holdouts
 from .report import write_report
 from .retrieval import evaluate_retrieval
 from .scene import caption_scene_metrics
@@ -71,12 +74,13 @@ def qformer_text_tokenizer(model_name_or_path: str, processor, override: str | N
         return None
 
 
-def _scene_checks(rows: list[dict], generated: list[str]) -> dict | None:
-    """Caption-vs-scene scores when every reference caption parses as a shapes scene (synthetic data)."""
+def _scene_checks(rows: list[dict], generated: list[str], holdouts: list[Holdout]) -> dict | None:
+    """Caption-vs-scene scores (split seen vs held out by `holdouts`, when any) when every reference caption
+    parses as a shapes scene (synthetic data)."""
     scenes = [parse_caption(row["caption"]) for row in rows]
     if any(scene is None for scene in scenes):
         return None
-    return caption_scene_metrics(generated, scenes)
+    return caption_scene_metrics(generated, scenes, holdouts)
 
 
 def evaluate_model(
@@ -106,6 +110,12 @@ def evaluate_model(
     `retrieval_texts`: "caption" matches each image with its caption; "references" with every reference caption
     of every image, an image -> text hit being any of its own (COCO/Flickr30k's protocol).
 
+    Shapes data generated with held-out combinations adds, when the rows hold both seen and held-out objects,
+    seen vs held-out scores: `retrieval["seen"]`, `retrieval["held_out"]` (queries restricted to the rows whose
+    scene holds no / some held-out object, ranked among all candidates), `caption_scene["object_recall_seen"]`,
+    `["object_recall_held_out"]`, `["objects_seen"]`, `["objects_held_out"]`, and `vqa["seen"]`, `vqa["held_out"]`
+    (by the object each question is about); `meta["holdouts"]` names the combinations.
+
     Returns:
         the metrics, also written to `out_dir/metrics.json` (the files are described in `eval.report.write_report`).
     """
@@ -118,6 +128,13 @@ def evaluate_model(
         data, split, max_samples, image_column=image_column, caption_column=caption_column, id_column=id_column
     )
     texts = [reference_captions(row) for row in rows] if retrieval_texts == "references" else None
+    # Read before the model loads, so a damaged generation.json is reported at once.
+    holdouts = recorded_holdouts(data)
+    rules = [parse_holdout(text) for text in holdouts]
+    held_out = held_out_rows(rows, rules)
+    if held_out is None:
+        rules = []  # no split: no holdouts, or the rows are not of both kinds
+    subsets = {"held_out": held_out, "seen": [not flag for flag in held_out]} if held_out else None
     with hub_errors("--model", model_name_or_path):
         processor = AutoProcessor.from_pretrained(model_name_or_path, trust_remote_code=True)
         config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=True)
@@ -129,10 +146,13 @@ def evaluate_model(
     metrics: dict = {"meta": {"model": str(model_name_or_path), "data": f"{data}" + (f" [{split}]" if split else ""),
                               "num_samples": len(rows), "model_type": model_type, "decoding": strategy,
                               "retrieval_texts": retrieval_texts}}
+    if rules:
+        metrics["meta"]["holdouts"] = holdouts
 
     if is_qformer:
         metrics["retrieval"] = evaluate_retrieval(
-            model, rows, processor.image_processor, processor.tokenizer, out_dir, batch_size=batch_size, texts=texts
+            model, rows, processor.image_processor, processor.tokenizer, out_dir, batch_size=batch_size, texts=texts,
+            row_subsets=subsets,
         )
     else:
         captions = evaluate_captioning(
@@ -143,11 +163,12 @@ def evaluate_model(
         if shuffled:
             metrics["captioning_shuffled"] = captions["captioning_shuffled"]
         for suffix in ("", "_shuffled") if shuffled else ("",):
-            scene = _scene_checks(rows, captions[f"captions{suffix}"])
+            scene = _scene_checks(rows, captions[f"captions{suffix}"], rules)
             if scene is not None:
                 metrics[f"caption_scene{suffix}"] = scene
         if vqa and any(row.get("qa") for row in rows):
-            metrics["vqa"] = evaluate_vqa(model, processor, rows, out_dir, batch_size=batch_size)
+            metrics["vqa"] = evaluate_vqa(model, processor, rows, out_dir, batch_size=batch_size,
+                                          held_out=held_out_question_test(rows, rules) if rules else None)
         tokenizer = qformer_text_tokenizer(model_name_or_path, processor, qformer_tokenizer)
         if tokenizer is None:
             logger.warning(
@@ -157,7 +178,8 @@ def evaluate_model(
             )
         else:
             metrics["retrieval"] = evaluate_retrieval(
-                model.qformer, rows, processor.image_processor, tokenizer, out_dir, batch_size=batch_size, texts=texts
+                model.qformer, rows, processor.image_processor, tokenizer, out_dir, batch_size=batch_size, texts=texts,
+                row_subsets=subsets,
             )
     write_report(out_dir, metrics, log_histories)
     return metrics

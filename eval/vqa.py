@@ -8,7 +8,7 @@ punctuation, articles, number words and spacing do not count).
 import csv
 import re
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .generation import generate_texts
@@ -40,18 +40,26 @@ def normalize_answer(text: str) -> str:
 
 
 def vqa_accuracy(
-    predictions: Sequence[str], answers: Sequence[str], question_types: Sequence[str] | None = None
+    predictions: Sequence[str],
+    answers: Sequence[str],
+    question_types: Sequence[str] | None = None,
+    held_out: Sequence[bool] | None = None,
 ) -> dict:
-    """Exact-match and normalised accuracy, overall and per question type.
+    """Exact-match and normalised accuracy, overall, per question type and, given `held_out`, seen vs held out.
+
+    Args:
+        held_out: one flag per question, True when it is about a combination held out of training.
 
     Returns:
         `{"exact_match", "accuracy", "num_questions", "per_type": {type: {same three keys}}}`;
-        `per_type` is empty when no types are given.
+        `per_type` is empty when no types are given. With `held_out` also `"seen"` and `"held_out"`,
+        each `{same three keys}` over its questions.
     """
     if len(predictions) != len(answers):
         raise ValueError(f"{len(predictions)} predictions for {len(answers)} answers; they must pair up.")
-    if question_types is not None and len(question_types) != len(answers):
-        raise ValueError(f"{len(question_types)} question types for {len(answers)} answers; give one per question.")
+    for name, values in (("question types", question_types), ("held-out flags", held_out)):
+        if values is not None and len(values) != len(answers):
+            raise ValueError(f"{len(values)} {name} for {len(answers)} answers; give one per question.")
     if not answers:
         raise ValueError("no questions to score; the evaluation rows hold no QA pairs.")
     exact = [p.strip() == a.strip() for p, a in zip(predictions, answers)]
@@ -59,10 +67,18 @@ def vqa_accuracy(
     by_type: dict[str, list[int]] = defaultdict(list)
     for index, kind in enumerate(question_types or []):
         by_type[kind].append(index)
-    return {
+    scores = {
         **_scores(exact, normalised, range(len(answers))),
         "per_type": {kind: _scores(exact, normalised, indices) for kind, indices in sorted(by_type.items())},
     }
+    if held_out is not None:
+        for name, flag in (("seen", False), ("held_out", True)):
+            indices = [i for i, value in enumerate(held_out) if bool(value) == flag]
+            if not indices:
+                raise ValueError(f"no {name.replace('_', '-')} question among {len(answers)}; the seen vs held-out "
+                                 "split needs both kinds (evaluate more samples, or pass no held-out flags)")
+            scores[name] = _scores(exact, normalised, indices)
+    return scores
 
 
 def _scores(exact: list[bool], normalised: list[bool], indices) -> dict:
@@ -81,12 +97,15 @@ def evaluate_vqa(
     out_dir: str | Path | None = None,
     batch_size: int = 16,
     max_new_tokens: int = 16,
+    held_out: Callable[[dict], bool] | None = None,
 ) -> dict:
     """Asks the VLM every question of every row (greedy) and scores the answers.
 
     Args:
         rows: dicts with `"image"` (PIL), `"qa"` (list of `{"question", "answer", "type"}`) and `"key"`.
         out_dir: when given, `vqa.csv` (id, type, question, answer, prediction, correct) goes there.
+        held_out: tells from a question-answer dict whether it is about a held-out combination; when given,
+            the questions are also scored seen vs held out.
 
     Returns:
         `vqa_accuracy`'s dict.
@@ -109,4 +128,5 @@ def evaluate_vqa(
             for (row, qa), kind, prediction in zip(asked, types, predictions):
                 correct = normalize_answer(prediction) == normalize_answer(qa["answer"])
                 writer.writerow([row.get("key", ""), kind, qa["question"], qa["answer"], prediction, int(correct)])
-    return vqa_accuracy(predictions, answers, types)
+    flags = [held_out(qa) for _, qa in asked] if held_out is not None else None
+    return vqa_accuracy(predictions, answers, types, flags)

@@ -189,7 +189,7 @@ def test_salted_shards_load_and_every_bad_sample_is_counted(salted_shards: list[
     }
     assert all(row["image"].mode == "RGB" for row in by_key.values())
     assert len(by_key["long-caption"]["caption"]) <= 512 and by_key["long-caption"]["caption"].endswith("word")
-    assert by_key["bad-qa"]["qa"] == [{"question": "how many?", "answer": "two", "type": "open"}]
+    assert by_key["bad-qa"]["qa"] == [{"question": "how many?", "answer": "two", "type": "open", "about": None}]
     grey = np.asarray(by_key["mode-16bit"]["image"])[0, :, 0].astype(int)
     assert grey[0] < 5 and 120 < grey[32] < 140 and grey[-1] > 250  # the 16-bit range scaled, not clipped to white
 
@@ -242,7 +242,7 @@ def test_saved_dataset_with_custom_columns(tmp_path: Path) -> None:
     )
     assert dataset["caption"] == ["a red square", "a blue square"]
     assert dataset["references"] == [["a red square", "red"], ["a blue square"]]
-    assert dataset["qa"][0] == [{"question": "what colour?", "answer": "red", "type": "open"}]
+    assert dataset["qa"][0] == [{"question": "what colour?", "answer": "red", "type": "open", "about": None}]
     assert dataset["group_id"] == ["7", "8"] and dataset["key"] == ["0", "1"]
     assert report.skipped == {sanitize.CAPTION_MISSING: 1}
     with pytest.raises(ValueError, match=r"caption column 'nope' not found .* columns are: picture, sentences"):
@@ -259,7 +259,7 @@ def test_question_answer_data_without_captions(tmp_path: Path) -> None:
     )
     report = SkipReport()
     dataset = load_image_text_dataset(source, question_column="question", answer_column="answer", report=report)
-    assert dataset["caption"] == [""] and dataset["qa"] == [[{"question": "is it dark?", "answer": "yes", "type": "open"}]]
+    assert dataset["caption"] == [""] and dataset["qa"] == [[{"question": "is it dark?", "answer": "yes", "type": "open", "about": None}]]
     assert report.skipped == {"no caption and no usable question-answer pair": 1}
 
 

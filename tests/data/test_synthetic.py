@@ -79,6 +79,7 @@ def test_layout_matches_img2dataset(shapes_dir) -> None:
         assert all(parse_caption(reference) == scene for reference in meta["references"])
         assert len(meta["references"]) == len(TEMPLATES) - 1
         assert {pair["type"] for pair in meta["qa"]} >= {"count", "color", "shape", "size", "exists"}
+        assert all(set(pair) == {"question", "answer", "type", "about"} for pair in meta["qa"])  # one arrow schema
 
 
 @pytest.mark.parametrize("template_id", range(len(TEMPLATES)))
@@ -129,18 +130,42 @@ def test_questions_answer_what_the_scene_shows() -> None:
         at = {position_phrase(o.row, o.col): o for o in scene}
         colours_and_shapes = {(o.color, o.shape) for o in scene}
         for pair in questions_for(scene, rng):
-            question, answer, kind = pair["question"], pair["answer"], pair["type"]
+            question, answer, kind, about = pair["question"], pair["answer"], pair["type"], pair["about"]
             if kind == "count":
-                assert answer == COUNT_WORDS[len(scene)]
+                assert answer == COUNT_WORDS[len(scene)] and about == ""
             elif kind in ("color", "shape", "size"):
                 where = re.search(r"in the (.+)\?$", question).group(1)
                 assert answer == getattr(at[where], kind), question
+                assert about == at[where].description, question
             elif kind == "position":
                 described = re.search(r"where is the (\w+) (\w+) (\w+)\?", question).groups()
                 assert (at[answer].size, at[answer].color, at[answer].shape) == described
+                assert about == " ".join(described)
             else:
                 color, shape = re.search(r"is there an? (\w+) (\w+)\?", question).groups()
                 assert answer == ("yes" if (color, shape) in colours_and_shapes else "no")
+                # "yes": the drawn object asked about; "no": only the colour and shape named.
+                drawn = {o.description for o in scene if (o.color, o.shape) == (color, shape)}
+                assert about in drawn if answer == "yes" else about == f"{color} {shape}", question
+
+
+def test_about_leaves_every_random_draw_as_it_was() -> None:
+    # Pinned before "about" existed: the same scene and seed ask the same questions, in the same order.
+    scene = make_scene([ShapeObject("square", "blue", "large", "top", "left"),
+                        ShapeObject("square", "purple", "large", "bottom", "left")])
+    rng = random.Random(0)
+    asked = [(pair["question"], pair["answer"]) for pair in questions_for(scene, rng)]
+    assert asked == [
+        ("how many shapes are there?", "two"),
+        ("what color is the square in the top left?", "blue"),
+        ("what color is the square in the bottom left?", "purple"),
+        ("what shape is in the bottom left?", "square"),
+        ("what size is the square in the bottom left?", "large"),
+        ("where is the large blue square?", "top left"),
+        ("is there a purple square?", "yes"),
+        ("is there an orange triangle?", "no"),
+    ]
+    assert rng.random() == 0.4049341374504143  # and the generator is left where it was
 
 
 def test_held_out_combinations_never_reach_train(tmp_path) -> None:
@@ -148,20 +173,26 @@ def test_held_out_combinations_never_reach_train(tmp_path) -> None:
     write_split(tmp_path, "train", 150, seed=0, holdouts=holdouts, num_proc=1)
     write_split(tmp_path, "validation", 150, seed=0, num_proc=1)
 
-    def objects_and_texts(split: str):
+    def samples(split: str):
         for files in read_tar(next((tmp_path / split).glob("*.tar"))).values():
             meta = json.loads(files["json"])
             texts = [meta["caption"], *meta["references"], *meta["negative_captions"]]
-            texts += [pair["question"] for pair in meta["qa"]]
-            yield scene_from_json(meta["scene"]), " ".join(texts)
+            texts += [pair[field] for pair in meta["qa"] for field in ("question", "answer", "about")]
+            yield scene_from_json(meta["scene"]), " ".join(texts), [set(pair["about"].split()) for pair in meta["qa"]]
 
     def held_out(obj) -> bool:
         return (obj.color, obj.shape) == ("green", "triangle") or (obj.size, obj.color) == ("large", "blue")
 
-    for scene, text in objects_and_texts("train"):
+    def about_held_out(words: set[str]) -> bool:
+        return {"green", "triangle"} <= words or {"large", "blue"} <= words
+
+    for scene, text, abouts in samples("train"):
         assert not any(held_out(obj) for obj in scene)
         assert "green triangle" not in text and "large blue" not in text
-    assert any(held_out(obj) for scene, _ in objects_and_texts("validation") for obj in scene)
+        assert not any(about_held_out(words) for words in abouts)
+    validation = list(samples("validation"))
+    assert any(held_out(obj) for scene, _, _ in validation for obj in scene)
+    assert any(about_held_out(words) for _, _, abouts in validation for words in abouts)
 
 
 def test_sizes_and_colours_are_easy_to_tell_apart() -> None:
