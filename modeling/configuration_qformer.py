@@ -44,6 +44,11 @@ class QFormerConfig(PreTrainedConfig):
             what the encoder left of its position embedding in the token's content, and a small encoder trained
             from scratch may leave too little (convolutional encoders always get the codes, having no position
             embedding at all).
+        regional_queries (`int`, defaults to 0):
+            `g > 0`: the first `g * g` queries are regional: the patch grid is cut into `g x g` equal regions and
+            query `r` cross-attends only to the patch tokens of region `r` (row-major; never to a class token), so
+            each of them describes one part of the image apart from the others; the remaining queries read
+            everything. 0: every query reads everything (BLIP-2). The grid side must be a multiple of `g`.
         initializer_range (`float`, defaults to 0.02):
             Standard deviation of the normal initialisation of the queries and the heads.
     """
@@ -73,6 +78,7 @@ class QFormerConfig(PreTrainedConfig):
     temperature: float = 0.07
     itm_weight: float = 0.0
     vision_position_codes: bool = False
+    regional_queries: int = 0
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):
@@ -82,6 +88,9 @@ class QFormerConfig(PreTrainedConfig):
         for name in ("num_query_tokens", "embed_dim"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.regional_queries**2 <= self.num_query_tokens:
+            raise ValueError(f"regional_queries {self.regional_queries} needs {self.regional_queries**2} of the "
+                             f"num_query_tokens ({self.num_query_tokens}); lower it or add queries")
         if self.temperature <= 0 or self.itm_weight < 0:
             raise ValueError(f"temperature must be above 0 and itm_weight at least 0, got {self.temperature}, "
                              f"{self.itm_weight}")

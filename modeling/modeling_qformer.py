@@ -110,6 +110,18 @@ def sincos_positions_2d(height: int, width: int, dim: int) -> torch.Tensor:
     return torch.cat([row_codes, col_codes], dim=-1).reshape(height * width, dim)
 
 
+def _square_grid(num_tokens: int, setting: str) -> tuple[int, int]:
+    """`(prefix, side)`: vision tokens laid out as an optional class token and a `side x side` patch grid."""
+    for prefix in (0, 1):
+        side = math.isqrt(num_tokens - prefix)
+        if side * side == num_tokens - prefix:
+            return prefix, side
+    raise ValueError(
+        f"{setting} needs a square grid of patch tokens (plus at most one class token), but the vision encoder "
+        f"returned {num_tokens} tokens; turn {setting} off for this encoder"
+    )
+
+
 def ship_code_with_weights(model: PreTrainedModel, auto_classes: tuple[str, ...]) -> None:
     """Makes `save_pretrained` copy this model's code and write `auto_map` entries for `auto_classes`.
 
@@ -315,14 +327,29 @@ class QFormerModel(QFormerPreTrainedModel):
 
     def _patch_position_codes(self, num_tokens: int, dim: int) -> torch.Tensor:
         """2-D sine-cosine codes for a square grid of patch tokens, zeros for a leading class token if there is one."""
-        for prefix in (0, 1):
-            side = math.isqrt(num_tokens - prefix)
-            if side * side == num_tokens - prefix:
-                return torch.cat([torch.zeros(prefix, dim), sincos_positions_2d(side, side, dim)])
-        raise ValueError(
-            f"vision_position_codes needs a square grid of patch tokens (plus at most one class token), but the "
-            f"vision encoder returned {num_tokens} tokens; set vision_position_codes: false for this encoder"
-        )
+        prefix, side = _square_grid(num_tokens, "vision_position_codes")
+        return torch.cat([torch.zeros(prefix, dim), sincos_positions_2d(side, side, dim)])
+
+    def _cross_attention_mask(self, vision_features: torch.Tensor) -> torch.Tensor | None:
+        """`(1, 1, num_query_tokens, num_tokens)` boolean: which vision tokens each query may read
+        (`config.regional_queries`), or None when every query reads every token."""
+        g = self.config.regional_queries
+        if not g:
+            return None
+        prefix, side = _square_grid(vision_features.shape[1], "regional_queries")
+        if side % g:
+            raise ValueError(f"regional_queries {g} must divide the {side}x{side} patch grid; choose a divisor of "
+                             f"{side}")
+        cells = torch.arange(side, device=vision_features.device) // (side // g)
+        region = (cells[:, None] * g + cells[None, :]).flatten()  # region of each patch, row-major
+        visible = torch.ones(self.config.num_query_tokens, vision_features.shape[1], dtype=torch.bool,
+                             device=vision_features.device)
+        visible[: g * g] = False
+        visible[: g * g, prefix:] = region[None, :] == torch.arange(g * g, device=region.device)[:, None]
+        if self.query_transformer.config._attn_implementation == "eager":
+            return torch.zeros(visible.shape, dtype=vision_features.dtype, device=visible.device).masked_fill(
+                ~visible, torch.finfo(vision_features.dtype).min)[None, None]
+        return visible[None, None]
 
     def get_query_outputs(
         self, pixel_values: torch.Tensor | None = None, vision_features: torch.Tensor | None = None
@@ -341,6 +368,7 @@ class QFormerModel(QFormerPreTrainedModel):
             query_embeds=queries,
             query_length=queries.shape[1],
             encoder_hidden_states=vision_features,
+            encoder_attention_mask=self._cross_attention_mask(vision_features),
         ).last_hidden_state
 
     def get_image_embeds(
@@ -385,6 +413,7 @@ class QFormerModel(QFormerPreTrainedModel):
             query_length=num_queries,
             attention_mask=mask,
             encoder_hidden_states=vision_features,
+            encoder_attention_mask=self._cross_attention_mask(vision_features),
         ).last_hidden_state
         return self.itm_head(hidden[:, :num_queries]).mean(dim=1)
 
