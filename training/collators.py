@@ -123,7 +123,8 @@ class CaptioningCollator:
             earlier turn (whose caption or answers would give the answer away as text). The turns share one copy
             of the image prefix: each one's tokens get the positions and the attention they would have in a
             conversation of its own (a `(B, 1, T, T)` boolean `attention_mask` and `position_ids`), so a batch
-            costs what the multi-turn conversation costs.
+            costs what the multi-turn conversation costs (a token less per turn: the template's newline after each
+            answer, which no other token sees).
     """
 
     processor: object
@@ -240,11 +241,14 @@ class CaptioningCollator:
                     labels = [-100] * prefix
                 elif turn_ids[:prefix] != ids[:prefix]:
                     raise ValueError("the chat template does not start every one-turn conversation the same way")
-                inside = self._inside(offsets, spans)[prefix:]
-                ids += turn_ids[prefix:]
-                labels += [t if keep else -100 for t, keep in zip(turn_ids[prefix:], inside.tolist())]
-                positions += range(prefix, len(turn_ids))
-                segments += [k + 1] * (len(turn_ids) - prefix)
+                inside = self._inside(offsets, spans)[prefix:].tolist()
+                # What follows the turn's last answer token (the template's newline) is seen by no other token and
+                # carries no loss: it is left out.
+                end = prefix + (max(i for i, keep in enumerate(inside) if keep) + 1 if any(inside) else len(inside))
+                ids += turn_ids[prefix:end]
+                labels += [t if keep else -100 for t, keep in zip(turn_ids[prefix:end], inside)]
+                positions += range(prefix, end)
+                segments += [k + 1] * (end - prefix)
             sequences.append([values[: self.max_length] for values in (ids, labels, positions, segments)])
         length = max(len(ids) for ids, *_ in sequences)
         padded = [[values + [fill] * (length - len(values)) for values, fill in zip(seq, (pad_id, -100, 0, -1))]

@@ -106,9 +106,12 @@ def test_separate_turns_equal_one_conversation_per_turn(rows_and_processor):
             starts = (positions[1:] < positions[:-1]).nonzero().flatten() + 1
             prefix = int((batch["input_ids"][0] == processor.image_token_id).nonzero().max()) + 1
             begin = prefix if k == 0 else int(starts[k - 1])
-            end = begin + (len(batch["input_ids"][0]) - prefix)
-            assert torch.equal(shared["input_ids"][i, begin:end], batch["input_ids"][0, prefix:])
-            torch.testing.assert_close(hidden[i, begin:end], single[prefix:], atol=1e-4, rtol=1e-4)
+            # The shared sequence leaves out what follows the answer's end token (the template's newline).
+            length = len(batch["input_ids"][0]) - prefix - 1
+            assert processor.tokenizer.decode(batch["input_ids"][0, -1]) == "\n"
+            end = begin + length
+            assert torch.equal(shared["input_ids"][i, begin:end], batch["input_ids"][0, prefix:-1])
+            torch.testing.assert_close(hidden[i, begin:end], single[prefix:-1], atol=1e-4, rtol=1e-4)
             checked += 1
     assert checked == sum(1 + len(row["qa"]) for row in rows)
     # Only answers carry loss, and every answer of every turn does.
