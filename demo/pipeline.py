@@ -50,8 +50,8 @@ def parse_demo_args(argv: list[str] | None):
     parser.add_argument("--eval-samples", type=positive_int, default=None,
                         help="evaluate on the first N validation samples")
     # The untrained models score about zero; a smaller sample tells that as well and saves a minute or more.
-    parser.add_argument("--untrained-eval-samples", type=positive_int, default=200,
-                        help="evaluate the untrained baselines on the first N validation samples (default 200)")
+    parser.add_argument("--untrained-eval-samples", type=positive_int, default=100,
+                        help="evaluate the untrained baselines on the first N validation samples (default 100)")
     parser.add_argument("--holdout", nargs="*", default=DEFAULT_HOLDOUTS, metavar="COMBO",
                         help="attribute combinations kept out of training and scored apart, e.g. 'green triangle' "
                              f"(default: {', '.join(map(repr, DEFAULT_HOLDOUTS))}); --holdout alone holds none out")
@@ -138,6 +138,8 @@ def main(argv: list[str] | None = None) -> dict:
     shutil.copy(out / "eval" / "qformer" / "similarity_grid.png", out / "similarity_grid.png")
     shutil.copy(out / "eval" / "vlm" / "captions.png", out / "captions.png")
     shutil.copy(out / "eval" / "vlm" / "captions.csv", out / "captions.csv")
+    if (out / "eval" / "vlm" / "captions_held_out.png").exists():
+        shutil.copy(out / "eval" / "vlm" / "captions_held_out.png", out / "captions_held_out.png")
     plot_training_curves(histories, out / "curves.png")
 
     metrics = {
@@ -152,7 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
     write_report(out, metrics)
     print("\n" + table(metrics))
     print(f"\nwall time {metrics['wall_seconds']:.0f} s; files in {out}/: report.md, metrics.json, "
-          "similarity_grid.png, captions.png, curves.png, captions.csv, qformer/, vlm/")
+          "similarity_grid.png, captions.png, captions_held_out.png, curves.png, captions.csv, qformer/, vlm/")
     return metrics
 
 

@@ -82,7 +82,10 @@ def write_report(out: Path, metrics: dict) -> None:
         "`cider_shuffled`: the trained VLM captioning each image with another image's features. The gap to `cider` "
         "is what the model reads from the picture rather than from the caption template.", "",
         *_holdout_note(metrics),
-        "![similarity grid](similarity_grid.png)", "", "![captions](captions.png)", "", "![curves](curves.png)", "",
+        "![similarity grid](similarity_grid.png)", "", "![captions](captions.png)", "",
+        *(["![captions of held-out combinations](captions_held_out.png)", ""]
+          if (out / "captions_held_out.png").exists() else []),
+        "![curves](curves.png)", "",
         "Details: eval/qformer/report.md, eval/vlm/report.md, captions.csv, eval/vlm/vqa.csv; the model cards "
         "qformer/README.md and vlm/README.md carry the same evaluation.",
     ]

@@ -142,6 +142,9 @@ def write_report(
         if "caption_scene" in metrics:
             lines += ["Captions read back into scenes and compared with the drawn scene:", "", scene_table(metrics), ""]
         lines += _picture(out_dir, "captions.png", "Generated (blue) and reference (grey) captions.")
+        lines += _picture(out_dir, "captions_held_out.png",
+                          "Images holding a held-out combination (never in training): generated (blue) and reference "
+                          "(grey) captions.")
         samples = _sample_captions(out_dir)
         if samples:
             lines += ["All captions are in `captions.csv`; the first ones:", "", samples, ""]

@@ -24,7 +24,7 @@ from data.shapes import Holdout, parse_caption, parse_holdout
 from modeling import QFormerConfig
 from modeling.model_folders import QFORMER_OR_VLM, check_model_source, hub_errors
 
-from .captioning import evaluate_captioning, reference_captions
+from .captioning import caption_gallery, evaluate_captioning, reference_captions
 from .holdout import held_out_question_test, held_out_rows, recorded_holdouts
 from .report import write_report
 from .retrieval import evaluate_retrieval
@@ -166,6 +166,10 @@ def evaluate_model(
             scene = _scene_checks(rows, captions[f"captions{suffix}"], rules)
             if scene is not None:
                 metrics[f"caption_scene{suffix}"] = scene
+        if held_out:  # the pictures people look for first: what the model says of what it never saw
+            shown = [i for i, flag in enumerate(held_out) if flag][:8]
+            caption_gallery([rows[i]["image"] for i in shown], [captions["captions"][i] for i in shown],
+                            [rows[i]["caption"] for i in shown], out_dir / "captions_held_out.png")
         if vqa and any(row.get("qa") for row in rows):
             metrics["vqa"] = evaluate_vqa(model, processor, rows, out_dir, batch_size=batch_size,
                                           held_out=held_out_question_test(rows, rules) if rules else None)

@@ -42,11 +42,11 @@ def test_every_artifact_is_written(demo_out):
                  "vlm/model.safetensors", "qformer/model.safetensors"):
         assert (out / name).is_file(), name
     assert list((out / "data" / "train").glob("*.tar")) and list((out / "data" / "validation").glob("*.tar"))
-    for picture in ("similarity_grid.png", "captions.png", "curves.png"):
+    for picture in ("similarity_grid.png", "captions.png", "captions_held_out.png", "curves.png"):
         with Image.open(out / picture) as image:
             assert image.format == "PNG" and min(image.size) >= 200, picture
     report = (out / "report.md").read_text()
-    assert "similarity_grid.png" in report and "| stage 1 | i2t_r1 |" in report
+    assert "similarity_grid.png" in report and "captions_held_out.png" in report and "| stage 1 | i2t_r1 |" in report
     assert "| stage 1 | t2i_r1_held_out |" in report and "| stage 2 | vqa_accuracy_held_out |" in report
     assert "*green triangle*, *large blue*, which no training image" in report
     assert "on 96 validation images (the untrained baselines on the first 48)" in report

@@ -138,4 +138,4 @@ def test_hard_negatives_cover_every_kind_of_change(shapes_data):
         kinds["colour" if changed <= set(COLORS) else "other"] += 1
     assert kinds["other"] >= 16, kinds
     batch = collator(rows[:4])
-    assert batch["negative_input_ids"].shape == (8, 32)
+    assert batch["negative_input_ids"].shape[0] == 8 and batch["negative_input_ids"].shape[1] <= 32
