@@ -31,6 +31,7 @@ from transformers import HfArgumentParser, TrainingArguments
 from cli import OneLineErrors, UserError, check_at_least, closest, unknown_flags_message
 from modeling import QFormerConfig, VLMConfig
 from modeling.lora import LORA_TARGET_MODULES
+from modeling.presets import TINY_SETTINGS
 
 # ----------------------------------------------------------------------------------------------
 # Model settings derived from the model configs
@@ -97,10 +98,12 @@ def _as_dict(name: str, value: dict | str | None) -> dict:
     return parsed
 
 
-def _validate_config(model_args) -> None:
-    """Builds the model config from the given settings, so a bad value is reported before any data is read."""
+def _validate_config(model_args, preset: dict | None = None) -> None:
+    """Builds the model config from the given settings over `preset` (the values the model starts from), so a bad
+    value, or one that does not fit the preset's (e.g. more regional queries than it has queries), is reported
+    before any data is read."""
     try:
-        model_args.config_class(**config_overrides(model_args))
+        model_args.config_class(**{**(preset or {}), **config_overrides(model_args)})
     except ValueError as err:
         raise UserError(str(err)) from None
 
@@ -145,7 +148,8 @@ class QFormerModelArguments:
         self.qformer_config = _as_dict("qformer_config", self.qformer_config)
         check_at_least({"text_vocab_size": self.text_vocab_size}, 50)
         check_at_least({"pretrained_lr_ratio": self.pretrained_lr_ratio}, 0)
-        _validate_config(self)
+        tiny = not (self.model_name_or_path or self.vision_model_name_or_path or self.text_model_name_or_path)
+        _validate_config(self, TINY_SETTINGS if tiny else None)
 
 
 @with_config_fields(VLMConfig, exclude=("qformer_config", "text_config", "image_token_id"))

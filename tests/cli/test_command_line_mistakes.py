@@ -81,6 +81,8 @@ def _cases(w: dict[str, str], out: str) -> dict[str, tuple[list[str], list[str]]
                        ["per_device_train_batch_size", "at least 1", "0"]),
         "negative sample count": ([*q, STAGE1, *data, "--max_train_samples", "-1"], ["max_train_samples", "-1"]),
         "zero queries": ([*q, STAGE1, *data, "--num_query_tokens", "0"], ["num_query_tokens", "at least 1"]),
+        "more regional queries than the preset's": ([*q, STAGE1, *data, "--regional_queries", "5"],
+                                                    ["regional_queries 5", "num_query_tokens (16)"]),
         "one pretrained encoder": ([*q, STAGE1, *data, "--vision_model_name_or_path", w["qformer"]],
                                    ["--text_model_name_or_path"]),
         "data path typo": ([*q, STAGE1, *data, "--train_data", w["shapes"] + "x"],
