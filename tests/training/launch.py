@@ -43,7 +43,8 @@ def stage1_args(data: Path, output_dir: Path, **overrides) -> list[str]:
     fields = {
         "train_data": data, "eval_data": data, "output_dir": output_dir,
         "vision_config": SMALL_VISION, "qformer_config": SMALL_QFORMER,
-        "num_query_tokens": 4, "embed_dim": 32, "text_vocab_size": 300,
+        # 4 queries on a 4x4 patch grid: the preset's 3x3 regional queries do not fit the small model.
+        "num_query_tokens": 4, "regional_queries": 0, "embed_dim": 32, "text_vocab_size": 300,
         "per_device_train_batch_size": 16, "per_device_eval_batch_size": 32, "max_eval_samples": 64,
         "learning_rate": 1e-3, "warmup_steps": 2, "logging_steps": 1, "disable_tqdm": True,
         **overrides,
@@ -58,6 +59,8 @@ def stage2_args(data: Path, qformer: Path, output_dir: Path, **overrides) -> lis
         "lm_config": SMALL_LM, "lm_vocab_size": 300, "qa_turns": 1,
         "per_device_train_batch_size": 8, "per_device_eval_batch_size": 16, "max_eval_samples": 16,
         "learning_rate": 1e-3, "warmup_steps": 2, "logging_steps": 1, "disable_tqdm": True,
+        # float32: these runs check mechanics (processes, resumption, sharding) to float32 tolerances.
+        "bf16": False,
         **overrides,
     }  # fmt: skip
     return [str(STAGE2_YAML), *as_cli(fields)]
