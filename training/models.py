@@ -38,6 +38,12 @@ def build_stage1_model(
     caption of the training data); resuming, the checkpoint's own tokenizer is used instead (the interrupted run
     trained it at its start).
     """
+    model, processor = _stage1_model(model_args, corpus, resume_from)
+    _set_attention(model, model_args.attn_implementation)
+    return model, processor
+
+
+def _stage1_model(model_args: QFormerModelArguments, corpus: Callable[[], list[str]], resume_from: str | None):
     settings = config_overrides(model_args)
     if model_args.model_name_or_path:
         option = "--model_name_or_path"
@@ -92,6 +98,7 @@ def build_stage2_model(
             )
         if resume_from is not None and language_model is None:
             processor = AutoProcessor.from_pretrained(resume_from)
+    _set_attention(model, model_args.attn_implementation)
     if model_args.freeze_qformer:
         model.qformer.requires_grad_(False)
     if model_args.use_lora:
@@ -101,6 +108,13 @@ def build_stage2_model(
             trainable_modules=("adapter",) if model_args.freeze_qformer else ("qformer", "adapter"),
         )
     return model, processor
+
+
+def _set_attention(model, implementation: str | None) -> None:
+    """Every sub-model's attention kernels (transformers' `set_attn_implementation` reaches the vision encoder, the
+    Q-Former layers and the language model). A training-time choice: saved configs do not keep it."""
+    if implementation:
+        model.set_attn_implementation(implementation)
 
 
 def log_parameter_count(model, stage: str) -> None:

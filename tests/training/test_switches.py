@@ -3,6 +3,7 @@ weights. fp32 switches are compared tightly, bf16 ones within bf16 rounding."""
 
 import copy
 
+import pytest
 import torch
 from transformers import Trainer, TrainingArguments
 
@@ -96,9 +97,12 @@ def test_bf16_autocast_within_bf16_tolerance(rows):
         torch.testing.assert_close(bf16, fp32, **BF16)
 
 
-def test_sdpa_equals_eager(rows):
+@pytest.mark.parametrize("separate_turns", [False, True])
+def test_sdpa_equals_eager(rows, separate_turns):
+    """Also with separate turns' (B, 1, T, T) attention mask, which each implementation takes in its own form."""
     model, processor = frozen_vlm()
-    batch = stage2_batch(processor, rows)
+    batch = CaptioningCollator(processor, max_length=96, qa_turns=2, separate_turns=separate_turns)(rows)
+    assert batch["attention_mask"].dim() == (4 if separate_turns else 2)
     model.train()
     model.set_attn_implementation("eager")
     eager_loss, eager_grads = loss_and_grads(model, batch)

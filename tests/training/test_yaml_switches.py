@@ -1,5 +1,5 @@
 """The YAML/CLI switches reach the real training scripts: a feature cache built by its command, then read by a
-stage-1 and a stage-2 run; uint8 pixels normalised in the Trainer."""
+stage-1 and a stage-2 run; uint8 pixels normalised in the Trainer; the attention kernels."""
 
 import math
 
@@ -10,6 +10,8 @@ from data.synthetic import generate_dataset
 from tests.helpers import REPO
 from tests.training.launch import as_cli
 from training import feature_cache, train_qformer, train_vlm
+from training.arguments import DataArguments, QFormerModelArguments, TrainingArguments, VLMModelArguments, parse_args
+from training.models import build_stage1_model, build_stage2_model
 
 VISION = {"image_size": 32, "patch_size": 8, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
           "intermediate_size": 64}
@@ -70,3 +72,27 @@ def test_a_cache_of_another_encoder_is_refused(shards, tmp_path):
     other_vision = {**VISION, "layer_norm_eps": 1e-6}
     with pytest.raises(UserError, match="built for another encoder"):
         train_qformer.main(stage1(shards, tmp_path / "q", feature_cache=cache, vision_config=other_vision))
+
+
+def attention_kernels(model) -> set[str]:
+    """The attention implementation of every sub-model (vision encoder, Q-Former layers, language model)."""
+    return {module.config._attn_implementation for module in model.modules() if hasattr(module, "config")}
+
+
+def test_attention_kernels_from_the_config(shards, tmp_path):
+    """attn_implementation reaches every part of either stage's model, is not written into the saved config (it is
+    a training-time choice), and leaves the stage-2 losses where sdpa puts them."""
+    args = stage1(shards, tmp_path / "q", attn_implementation="eager")
+    model_args, _, _ = parse_args((QFormerModelArguments, DataArguments, TrainingArguments), args)
+    assert attention_kernels(build_stage1_model(model_args, corpus=lambda: ["a red circle"] * 4)[0]) == {"eager"}
+    train_qformer.main(args)
+    assert "eager" not in (tmp_path / "q" / "config.json").read_text()
+
+    runs = {}
+    for kernel in ("eager", "sdpa"):
+        args = stage2(shards, tmp_path / "q", tmp_path / kernel, attn_implementation=kernel, bf16=False)
+        model_args, _, _ = parse_args((VLMModelArguments, DataArguments, TrainingArguments), args)
+        assert attention_kernels(build_stage2_model(model_args, corpus=lambda: ["a red circle"] * 4)[0]) == {kernel}
+        runs[kernel] = train_vlm.main(args)
+    for name in ("train_loss", "eval_loss"):
+        assert runs["eager"][name] == pytest.approx(runs["sdpa"][name], rel=1e-4), name
