@@ -88,6 +88,9 @@ def test_separate_turns_equal_one_conversation_per_turn(rows_and_processor):
     model.eval()
     collator = CaptioningCollator(processor, max_length=512, qa_turns=20, separate_turns=True)
     shared = collator(rows)
+    # A second batch of the same rows is built from the collator's cache of encoded turns: it must not differ.
+    again = collator(rows)
+    assert all(torch.equal(shared[name], again[name]) for name in shared)
     assert shared["attention_mask"].shape == (len(rows), 1, shared["input_ids"].shape[1], shared["input_ids"].shape[1])
     with torch.no_grad():
         hidden = model(**{**shared, "labels": None}).logits
