@@ -153,3 +153,19 @@ def max_weight_difference(file_a: Path, file_b: Path, skip=lambda name: False) -
     compared = [name for name in a if not skip(name)]
     assert compared, "no tensor left to compare"
     return max((a[name].float() - b[name].float()).abs().max().item() for name in compared)
+
+
+def run_differences(run: Path, reference: Path, steps: int, label: str) -> tuple[float, float]:
+    """Two runs of the same training (another launcher, engine or process count): the largest |loss difference| over
+    their logged steps, which must be every step 1..`steps`, and the largest |weight difference| of their saved
+    models, printed after `label`. Attention key biases are left out of the weights: they get no gradient in exact
+    arithmetic (softmax ignores a constant added to a row's scores), so AdamW turns their rounding noise into full
+    +-lr steps."""
+    losses, reference_losses = logged_losses(run), logged_losses(reference)
+    assert [step for step, _ in losses] == list(range(1, steps + 1))
+    loss_difference = max(abs(a - b) for (_, a), (_, b) in zip(losses, reference_losses, strict=True))
+    weight_difference = max_weight_difference(run / "model.safetensors", reference / "model.safetensors",
+                                              skip=lambda name: name.endswith("attention.key.bias"))
+    print(f"\n{label}: max |loss diff| = {loss_difference:.2e}, max |weight diff| after {steps} steps = "
+          f"{weight_difference:.2e} (losses {losses} vs {reference_losses})")
+    return loss_difference, weight_difference

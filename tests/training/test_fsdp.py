@@ -27,6 +27,7 @@ from tests.training.launch import (
     finish,
     logged_losses,
     max_weight_difference,
+    run_differences,
     run_torchrun,
     script_env,
     stage1_args,
@@ -119,16 +120,8 @@ def test_fsdp_trains_stage1_like_ddp(stage1):
         files = {path.name for path in (fsdp / f"checkpoint-{step}").iterdir()}
         assert FSDP_CHECKPOINT_FILES <= files, f"checkpoint-{step} was not saved by FSDP: {sorted(files)}"
     assert not FSDP_CHECKPOINT_FILES & {path.name for path in (ddp / f"checkpoint-{STEPS}").iterdir()}
-    losses_fsdp, losses_ddp = logged_losses(fsdp), logged_losses(ddp)
-    assert [step for step, _ in losses_fsdp] == list(range(1, STEPS + 1))
-    loss_difference = max(abs(a - b) for (_, a), (_, b) in zip(losses_fsdp, losses_ddp, strict=True))
-    # Attention key biases get no gradient in exact arithmetic, so AdamW turns rounding noise into full steps
-    # (as in test_distributed_training): they are left out.
-    weight_difference = max_weight_difference(fsdp / "model.safetensors", ddp / "model.safetensors",
-                                              skip=lambda name: name.endswith("attention.key.bias"))
-    print(f"\ntrain_qformer FSDP vs DDP, 2 x 16: max |loss diff| = {loss_difference:.2e}, "
-          f"max |weight diff| after {STEPS} steps = {weight_difference:.2e}")
-    assert loss_difference < LOSS_TOLERANCE, f"losses {losses_fsdp} vs {losses_ddp}"
+    loss_difference, weight_difference = run_differences(fsdp, ddp, STEPS, "train_qformer FSDP vs DDP, 2 x 16")
+    assert loss_difference < LOSS_TOLERANCE
     assert weight_difference < WEIGHT_TOLERANCE
     # The evaluation after training, over the split both processes share.
     eval_fsdp, eval_ddp = (json.loads((folder / "eval_results.json").read_text()) for folder in (fsdp, ddp))
@@ -208,12 +201,7 @@ def test_deepspeed_zero2_trains_stage1_like_ddp(shapes_data, stage1, tmp_path):
                       tmp_path / "deepspeed.log", DS_ACCELERATOR="cpu")
     # DeepSpeed's own checkpoint (engine and ZeRO optimizer partitions) beside the Trainer's.
     assert (out / f"checkpoint-{STEPS}" / f"global_step{STEPS}").is_dir()
-    losses_ds, losses_ddp = logged_losses(out), logged_losses(ddp)
-    assert [step for step, _ in losses_ds] == list(range(1, STEPS + 1))
-    loss_difference = max(abs(a - b) for (_, a), (_, b) in zip(losses_ds, losses_ddp, strict=True))
-    weight_difference = max_weight_difference(out / "model.safetensors", ddp / "model.safetensors",
-                                              skip=lambda name: name.endswith("attention.key.bias"))
-    print(f"\ntrain_qformer DeepSpeed ZeRO-2 vs DDP, 2 x 16: max |loss diff| = {loss_difference:.2e}, "
-          f"max |weight diff| after {STEPS} steps = {weight_difference:.2e}")
-    assert loss_difference < LOSS_TOLERANCE, f"losses {losses_ds} vs {losses_ddp}"
+    loss_difference, weight_difference = run_differences(out, ddp, STEPS,
+                                                         "train_qformer DeepSpeed ZeRO-2 vs DDP, 2 x 16")
+    assert loss_difference < LOSS_TOLERANCE
     assert weight_difference < WEIGHT_TOLERANCE
