@@ -108,7 +108,6 @@ def _validate_config(model_args, preset: dict | None = None) -> None:
         raise UserError(str(err)) from None
 
 
-
 def attn_implementation_field():
     """The `--attn_implementation` option of both stages (one definition for both argument classes)."""
     return field(
