@@ -293,6 +293,17 @@ def check_training_arguments(args: TrainingArguments) -> None:
     if args.max_steps == -1 and args.num_train_epochs <= 0:
         raise UserError(f"num_train_epochs must be above 0 when max_steps is unset, got {args.num_train_epochs}")
     check_at_least({"learning_rate": args.learning_rate}, 0)
+    if args.lr_scheduler_type == "warmup_stable_decay":
+        decay = (args.lr_scheduler_kwargs or {}).get("num_decay_steps")
+        if decay is None:
+            raise UserError("lr_scheduler_type warmup_stable_decay needs lr_scheduler_kwargs {num_decay_steps: N}, the "
+                            "steps that decay the learning rate at the end")
+        # Too long a decay for the run makes transformers' schedule drop the rate at the end of the warmup.
+        warmup = args.get_warmup_steps(args.max_steps) if args.max_steps > 0 else 0
+        if args.max_steps > 0 and warmup + decay > args.max_steps:
+            raise UserError(f"num_decay_steps {decay} after {warmup} warmup steps does not fit in max_steps "
+                            f"{args.max_steps}; set lr_scheduler_kwargs num_decay_steps to at most "
+                            f"{args.max_steps - warmup}")
 
 
 # ----------------------------------------------------------------------------------------------
