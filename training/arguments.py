@@ -300,7 +300,7 @@ def check_training_arguments(args: TrainingArguments) -> None:
                             "steps that decay the learning rate at the end")
         # Too long a decay for the run makes transformers' schedule drop the rate at the end of the warmup.
         warmup = args.get_warmup_steps(args.max_steps) if args.max_steps > 0 else 0
-        if args.max_steps > 0 and warmup + decay > args.max_steps:
+        if 0 < args.max_steps < warmup + decay:
             raise UserError(f"num_decay_steps {decay} after {warmup} warmup steps does not fit in max_steps "
                             f"{args.max_steps}; set lr_scheduler_kwargs num_decay_steps to at most "
                             f"{args.max_steps - warmup}")
