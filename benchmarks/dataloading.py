@@ -12,7 +12,6 @@ Needs `datasets` (not installed on the GPU box: run it on any machine with the p
 """
 
 import argparse
-import contextlib
 import itertools
 import json
 import os
@@ -28,6 +27,7 @@ from torch.utils.data import DataLoader
 from transformers import BlipProcessor
 from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
 
+from benchmarks.stdout import stdout_to_stderr
 from data.loading import load_image_text_dataset
 from data.streaming import ShardStream
 from data.synthetic import generate_dataset
@@ -36,20 +36,6 @@ from modeling.processing_vlm import VLMProcessor
 from modeling.tiny_tokenizers import train_chat_tokenizer, train_wordpiece_tokenizer
 from training.collators import CaptioningCollator, ContrastiveCollator
 from training.stage import text_corpus
-
-
-@contextlib.contextmanager
-def stdout_to_stderr():
-    """Sends file descriptor 1 to stderr: the tokenizers library writes its progress there, and stdout is results."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    os.dup2(2, 1)
-    try:
-        yield
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
 
 
 def make_collators(dataset, image_size: int, num_query_tokens: int) -> dict:

@@ -27,6 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import LlamaConfig, PrinterCallback, TrainerCallback, TrainingArguments, ViTConfig
 from transformers.utils import logging as hf_logging
 
+from benchmarks.stdout import stdout_to_stderr
 from modeling.configuration_qformer import QFormerConfig
 from modeling.configuration_vlm import VLMConfig
 from modeling.lora import add_lora
@@ -384,7 +385,8 @@ def main(argv=None) -> list[dict]:
     results, original = [], {}
     for case in cases(opts):
         log(f"running {case.name} (batch {case.batch}) on {opts.device} ...")
-        result = run_case(case, opts, TINY if opts.sizes == "tiny" else BASE, image_processor)
+        with stdout_to_stderr():
+            result = run_case(case, opts, TINY if opts.sizes == "tiny" else BASE, image_processor)
         if case.name.endswith("/original"):
             original[case.stage] = result["pairs_per_s"]
         elif case.stage in original:
