@@ -80,9 +80,10 @@ def as_cli(fields: dict) -> list[str]:
 
 def script_env() -> dict[str, str]:
     # One thread per process: two cores are shared with the other test processes, and oversubscribed OpenMP
-    # threads made a step ~30x slower here.
+    # threads made a step ~30x slower here. PYTHONFAULTHANDLER: a worker that dies of a signal (a SIGSEGV in a
+    # collective, seen once under load) prints its Python stack into the log instead of only torchrun's exit code.
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1",
-            "TOKENIZERS_PARALLELISM": "false"}
+            "TOKENIZERS_PARALLELISM": "false", "PYTHONFAULTHANDLER": "1"}
 
 
 def start(module: str, args: list[str], log: Path) -> subprocess.Popen:
@@ -132,7 +133,11 @@ def finish(process: subprocess.Popen, log: Path) -> str:
         process.wait()
         raise AssertionError(f"{process.args} did not finish in {TIMEOUT_S}s:\n{log.read_text()[-6000:]}") from None
     output = log.read_text()
-    assert process.returncode == 0, f"{process.args} exited with {process.returncode}:\n{output[-6000:]}"
+    if process.returncode != 0:
+        # A rank that died of a signal left its stack (faulthandler) above the other ranks' errors: show both.
+        crash = output.find("Fatal Python error")
+        crashed = f"\nthe crashed process:\n{output[crash:crash + 4000]}" if crash >= 0 else ""
+        raise AssertionError(f"{process.args} exited with {process.returncode}:\n{output[-6000:]}{crashed}")
     return output
 
 
