@@ -1,8 +1,10 @@
 """Common mistakes on every command line end as one line on stderr that names the bad value and the fix.
 
-Each case runs the real command in a fresh interpreter, as a user would, and checks: exit status 2, exactly one
-line on stderr starting with "error:", no traceback anywhere, and the words that name the bad thing. The cases
-run two at a time in one fixture (each is mostly interpreter start-up); the tests then read their results.
+Each case runs the real command (`python -m module args`, as a user types it) in a process of its own and checks:
+exit status 2, exactly one line on stderr starting with "error:", no traceback anywhere, and the words that name
+the bad thing. Each case is mostly the import of torch and transformers, so the cases are forked two at a time from
+one interpreter that has imported those once (forked_commands.py), and what that import printed is checked to be
+nothing; the tests then read the results.
 """
 
 import json
@@ -11,8 +13,8 @@ import re
 import shutil
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -142,21 +144,21 @@ def _cases(w: dict[str, str], out: str) -> dict[str, tuple[list[str], list[str]]
     }
 
 
-def _run(command: list[str]) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "OMP_NUM_THREADS": "1",
-           "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
-    env.pop("QFORMER_VLM_DEBUG", None)
-    return subprocess.run([sys.executable, *command], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     root = tmp_path_factory.mktemp("mistakes")
     torch.manual_seed(0)
     cases = _cases(_world(root / "world"), str(root / "out"))
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        runs = dict(zip(cases, pool.map(_run, (command for command, _ in cases.values()))))
-    return {name: (runs[name], words) for name, (_, words) in cases.items()}
+    (root / "spec.json").write_text(json.dumps({name: command for name, (command, _) in cases.items()}))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "OMP_NUM_THREADS": "1",
+           "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
+    env.pop("QFORMER_VLM_DEBUG", None)
+    runner = Path(__file__).with_name("forked_commands.py")
+    subprocess.run([sys.executable, str(runner), str(root / "spec.json"), str(root / "results.json")], cwd=REPO,
+                   env=env, check=True, timeout=900)
+    found = json.loads((root / "results.json").read_text())
+    assert found["imports"] == {"stdout": "", "stderr": ""}, found["imports"]
+    return {name: (SimpleNamespace(**found["commands"][name]), words) for name, (_, words) in cases.items()}
 
 
 CASE_NAMES = list(_cases(dict(zip(WORLD, WORLD)), "out"))
