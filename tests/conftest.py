@@ -1,3 +1,5 @@
+import os
+
 import huggingface_hub
 import pytest
 import torch
@@ -7,7 +9,12 @@ import modeling  # noqa: F401  (registers the Auto classes)
 from modeling.presets import build_tiny_qformer, build_vlm
 from tests.helpers import TINY_CORPUS, TINY_LM, FolderHub
 
-torch.set_num_threads(2)
+# pytest-xdist's workers share the cores: each worker, and every process it starts (they inherit the environment),
+# gets its share of threads. Oversubscribed OpenMP threads crawl: the reduced demo took 88 s alone with two
+# threads and 439 s beside the other worker.
+THREADS = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+os.environ["OMP_NUM_THREADS"] = str(THREADS)
+torch.set_num_threads(THREADS)
 
 
 def tiny_qformer_and_processor(**config_kwargs):
