@@ -1,12 +1,13 @@
 """Runs many `python -m module args` command lines, each in a process of its own, paying the imports once.
 
 Usage: python tests/cli/forked_commands.py SPEC.json RESULTS.json, where SPEC.json is `{"name": ["-m", module,
-*args], ...}`. Starting an interpreter that imports torch and transformers takes ~5 CPU-seconds here, and the
-command-line mistakes are ~40 such starts. This process imports the third-party libraries the entry points use,
-then forks one child per command line: the child runs the module as `python -m` does (runpy, as `__main__`, with
-sys.argv set), its stdout and stderr going to files, and ends with the exit status an interpreter would give (the
-SystemExit code, or 1 with the traceback printed for an uncaught exception). What the imports themselves printed
-is recorded under `"imports"`: a user's interpreter would print it before any error line.
+*args], ...}`; each process's output is kept in a `forked-logs` folder beside RESULTS.json. Starting an interpreter
+that imports torch and transformers takes ~5 CPU-seconds here, and the command-line mistakes are ~40 such starts.
+This process imports the third-party libraries the entry points use, then forks one child per command line: the
+child runs the module as `python -m` does (runpy, as `__main__`, with sys.argv set), its stdout and stderr going to
+files, and ends with the exit status an interpreter would give (the SystemExit code, or 1 with the traceback printed
+for an uncaught exception). What the imports themselves printed is recorded under `"imports"`: a user's interpreter
+would print it before any error line.
 """
 
 import json
@@ -14,7 +15,6 @@ import logging
 import os
 import runpy
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -58,7 +58,8 @@ def run_child(command: list[str]) -> int:
 
 def main(spec_path: str, results_path: str) -> None:
     commands = json.loads(Path(spec_path).read_text())
-    logs = Path(tempfile.mkdtemp(prefix="forked-commands-"))
+    logs = Path(results_path).parent / "forked-logs"
+    logs.mkdir(exist_ok=True)
     sys.stdout.flush()
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
