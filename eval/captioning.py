@@ -113,8 +113,12 @@ def caption_gallery(
         gen = "".join(ch for ch in gen if ch.isprintable()) or "(nothing)"  # untrained models write control bytes
         above = textwrap.fill(f"generated: {gen}", 44, max_lines=3, placeholder=" ...")
         below = textwrap.fill(f"reference: {ref}", 44, max_lines=5, placeholder=" ...")
-        ax.text(0.5, 1.03, above, transform=ax.transAxes, ha="center", va="bottom", fontsize=8, color="tab:blue")
-        ax.text(0.5, -0.03, below, transform=ax.transAxes, ha="center", va="top", fontsize=8, color="dimgray")
+        # parse_math=False: matplotlib reads text between two "$" as TeX, and a model's or a dataset's text ("$5 and
+        # $6", an untrained model's "$$") is not TeX: it would fail the whole evaluation at the picture.
+        ax.text(0.5, 1.03, above, transform=ax.transAxes, ha="center", va="bottom", fontsize=8, color="tab:blue",
+                parse_math=False)
+        ax.text(0.5, -0.03, below, transform=ax.transAxes, ha="center", va="top", fontsize=8, color="dimgray",
+                parse_math=False)
     return save_figure(fig, path)
 
 

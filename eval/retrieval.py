@@ -274,7 +274,9 @@ def similarity_grid(
                       color="black" if values[t, i] > mid else "white")
             if positives[i, t]:
                 grid.add_patch(Rectangle((i - 0.5, t - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2.5))
-    grid.set_yticks(range(n_txt), [textwrap.shorten(c, 60, placeholder="...") for c in captions], fontsize=8)
+    # Captions are text, not TeX (see `eval.captioning.caption_gallery`): "$" stays a dollar sign.
+    grid.set_yticks(range(n_txt), [textwrap.shorten(c, 60, placeholder="...") for c in captions], fontsize=8,
+                    parse_math=False)
     grid.set_xticks(range(n_img), [str(i) for i in range(n_img)])
     grid.set_xlabel("image")
     fig.colorbar(cell, cax=bar, label="cosine")

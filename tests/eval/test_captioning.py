@@ -109,6 +109,15 @@ def test_caption_gallery_shows_each_image(tmp_path):
         assert pixels.count(colour) > 1000, colour
 
 
+def test_caption_gallery_draws_dollar_signs_as_text(tmp_path):
+    # An untrained model wrote "tuser$$$$stems..." in a demo run and matplotlib failed to parse it as TeX.
+    images = [Image.new("RGB", (20, 20), (255, 0, 0))] * 2
+    path = caption_gallery(images, ["tuser$$$$stems", "a $5 and $6 note"], ["costs $\\alpha", "$x^$"],
+                           tmp_path / "g.png")
+    with Image.open(path) as png:
+        assert png.size == (640, 400)
+
+
 def test_evaluate_vqa_scores_what_it_wrote(tiny_vlm, tmp_path):
     model, processor = tiny_vlm
     rows = shapes_rows(3)

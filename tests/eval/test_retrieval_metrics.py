@@ -143,7 +143,8 @@ def test_rejects_a_group_without_counterpart():
 def test_similarity_grid_draws_the_images(tmp_path):
     colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
     images = [Image.new("RGB", (40, 30), c) for c in colours]
-    captions = ["a red picture", "a green picture", "a blue picture", "a caption with no image of its own"]
+    # Dollar signs are text, not TeX: a caption with two of them once failed a whole evaluation at its picture.
+    captions = ["a red picture", "a green picture", "a blue picture", "costs $x^$ with no image of its own"]
     similarity = torch.tensor([[0.9, 0.1, 0.2, 0.0], [0.3, 0.8, 0.1, 0.2], [0.0, 0.2, 0.7, 0.1]])
     path = similarity_grid(images, captions, similarity, tmp_path / "grid.png")
     with Image.open(path) as png:
