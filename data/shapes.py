@@ -203,29 +203,39 @@ def _count_phrase(n: int) -> str:
     return f"{COUNT_WORDS[n]} shape{'s' if n > 1 else ''}"
 
 
-def _template_in(scene: Scene) -> str:
-    return _join([f"a {o.description} in the {position_phrase(o.row, o.col)}" for o in scene])
+# Every template names an object's size and shape first, then its position, and its colour last: colour never
+# directly follows the shape or the size. With "a small green triangle", the language model predicts the shape right
+# after the colour word, and training text in which "green" is never followed by "triangle" taught it to write
+# "green square" for a green triangle it had never seen (0-17 of 118 held-out green triangles named right in three
+# whole runs). With the colour named apart, the same stage-2 runs named 91 and 95 of 118 and the held-out objects'
+# caption recall went from 0.29 / 0.38 to 0.62 / 0.70 of the seen objects' (docs/tiny-recipe.md, round eight).
+# Each template stays within 10 words per object, as the longest did before: three objects take 34 tokens at most.
+def _object_phrase(obj: ShapeObject, where: str, colour_word: str) -> str:
+    return f"{obj.size} {obj.shape} {where} the {position_phrase(obj.row, obj.col)} {colour_word} {obj.color}"
+
+
+def _template_that_is(scene: Scene) -> str:
+    return _join([f"a {_object_phrase(o, 'in', 'that is')}" for o in scene])
 
 
 def _template_count(scene: Scene) -> str:
-    objects = _join([f"a {o.description} at the {position_phrase(o.row, o.col)}" for o in scene])
-    return f"{_count_phrase(len(scene))}: {objects}"
+    return f"{_count_phrase(len(scene))}: " + _join([f"a {_object_phrase(o, 'at', 'colored')}" for o in scene])
 
 
-def _template_has(scene: Scene) -> str:
-    return _join([f"the {position_phrase(o.row, o.col)} has a {o.description}" for o in scene])
+def _template_is(scene: Scene) -> str:
+    return _join([f"the {_object_phrase(o, 'in', 'is')}" for o in scene])
 
 
 def _template_image_of(scene: Scene) -> str:
-    return "an image of " + _join([f"a {o.description} at the {position_phrase(o.row, o.col)}" for o in scene])
+    return "an image of " + _join([f"a {_object_phrase(o, 'at', 'in')}" for o in scene])
 
 
-def _template_there_is(scene: Scene) -> str:
-    return _join([f"in the {position_phrase(o.row, o.col)} there is a {o.description}" for o in scene])
+def _template_painted(scene: Scene) -> str:
+    return _join([f"a {_object_phrase(o, 'at', 'painted')}" for o in scene])
 
 
 # Paraphrases of one scene; each names every attribute of every object, so each parses back exactly.
-TEMPLATES = (_template_in, _template_count, _template_has, _template_image_of, _template_there_is)
+TEMPLATES = (_template_that_is, _template_count, _template_is, _template_image_of, _template_painted)
 
 
 def caption_for(scene: Sequence[ShapeObject], template_id: int) -> str:
@@ -235,8 +245,10 @@ def caption_for(scene: Sequence[ShapeObject], template_id: int) -> str:
     return TEMPLATES[template_id](make_scene(scene))
 
 
-_OBJECT_RE = re.compile(
-    rf"\b({'|'.join(SIZES)})\s+({'|'.join(COLORS)})\s+({'|'.join(SHAPES)})s?\b"
+# An object's words may come in any order within its clause ("a small green triangle in the top left", "a small
+# triangle in the top left that is green").
+_ATTRIBUTE_RES = tuple(
+    re.compile(rf"\b({'|'.join(words)}){suffix}\b") for words, suffix in ((SIZES, ""), (COLORS, ""), (SHAPES, "s?"))
 )
 _POSITION_RE = re.compile(
     rf"\b(?:({'|'.join(ROWS)})\s+({'|'.join(COLS)}|centre)|(center|centre))\b"
@@ -257,18 +269,18 @@ def parse_caption(text: str) -> Scene | None:
     objects: list[ShapeObject] = []
     stated_count = None
     for clause in _CLAUSE_SPLIT_RE.split(text.lower()):
-        found_objects = _OBJECT_RE.findall(clause)
+        found_attributes = [regex.findall(clause) for regex in _ATTRIBUTE_RES]
         found_positions = _POSITION_RE.findall(clause)
         counts = _COUNT_RE.findall(clause)
         if counts:
             if stated_count is not None or len(counts) > 1:
                 return None
             stated_count = COUNT_WORDS.index(counts[0])
-        if not found_objects and not found_positions:
+        if not any(found_attributes) and not found_positions:
             continue
-        if len(found_objects) != 1 or len(found_positions) != 1:
+        if any(len(found) != 1 for found in found_attributes) or len(found_positions) != 1:
             return None
-        size, color, shape = found_objects[0]
+        (size,), (color,), (shape,) = found_attributes
         row, col, center = found_positions[0]
         row, col = ("middle", "center") if center else (row, "center" if col == "centre" else col)
         objects.append(ShapeObject(shape, color, size, row, col))
