@@ -206,12 +206,12 @@ def _count_phrase(n: int) -> str:
 # Every template names an object's size and shape first, then its position, and its colour last: colour never
 # directly follows the shape or the size. With "a small green triangle", the language model predicts the shape right
 # after the colour word, and training text in which "green" is never followed by "triangle" taught it to write
-# "green square" for a green triangle it had never seen (0-17 of 118 held-out green triangles named right in three
-# whole runs). With the colour named apart, the same stage-2 runs named 91 and 95 of 118 and the held-out objects'
-# caption recall went from 0.29 / 0.38 to 0.62 / 0.70 of the seen objects' (docs/tiny-recipe.md, round eight).
+# "green square" for a green triangle it had never seen (0-17 of 110-123 named right in three whole runs). With the
+# colour named apart, stage 2 on one stage-1 model named 91 and 95 of 118, and the held-out objects' caption recall
+# went from 0.29 / 0.38 to 0.62 / 0.70 of the seen objects' (docs/tiny-recipe.md, round eight).
 # Each template stays within 10 words per object, as the longest did before: three objects take 34 tokens at most.
-def _object_phrase(obj: ShapeObject, where: str, colour_word: str) -> str:
-    return f"{obj.size} {obj.shape} {where} the {position_phrase(obj.row, obj.col)} {colour_word} {obj.color}"
+def _object_phrase(obj: ShapeObject, where: str, colour_intro: str) -> str:
+    return f"{obj.size} {obj.shape} {where} the {position_phrase(obj.row, obj.col)} {colour_intro} {obj.color}"
 
 
 def _template_that_is(scene: Scene) -> str:
