@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import datasets
 import fsspec
 from datasets import Features, List, Value
 
+from cli import UserError, closest
+
 from .sanitize import CAPTION_MISSING, clean_caption, decode_image, normalize_caption
+from .tar_shards import TAR_READ_ERRORS, ShardRef, iter_tar_samples
 
 METADATA_UNREADABLE = "metadata json unreadable"
 NO_CAPTION_NO_QA = "no caption and no usable question-answer pair"
@@ -48,13 +52,21 @@ CLEANED_FEATURES = Features({**OUTPUT_FEATURES, "image": datasets.Image(decode=F
 
 @dataclass(frozen=True)
 class CleaningOptions:
-    """Limits applied to every sample; see `load_image_text_dataset`."""
+    """Where a shard sample's texts are and the limits applied to every sample; see `load_image_text_dataset`."""
 
     max_caption_chars: int = 512
     long_caption_policy: Literal["truncate", "skip"] = "truncate"
     min_image_side: int = 8
     max_image_pixels: int = 64_000_000
     require_caption: bool = True
+    # Shards: the fields of a sample's .json that hold its caption (None: the .txt member) and its hard negatives.
+    caption_field: str | None = None
+    negatives_field: str = "negative_captions"
+
+    def with_text_fields(self, caption: str | None, negative_captions: str | None) -> CleaningOptions:
+        """These options reading a shard's caption and hard negatives from the named .json fields (None: the
+        defaults)."""
+        return replace(self, caption_field=caption, negatives_field=negative_captions or type(self).negatives_field)
 
 
 def verdict_row(key: str, *, skip: str | None = None, shard_problem: str | None = None) -> dict[str, Any]:
@@ -161,7 +173,9 @@ def sample_from_files(key: str, files: dict[str, bytes], options: CleaningOption
     """Clean one webdataset sample, {extension: bytes}: image, .txt caption, .json metadata.
 
     The JSON may carry the shapes generator's references, qa, negative_captions and scene_id; from
-    img2dataset they arrive the same way when passed through its save_additional_columns.
+    img2dataset they arrive the same way when passed through its save_additional_columns. The caption is
+    the .txt member, or the JSON field `options.caption_field` when set; the hard negatives are the JSON
+    field `options.negatives_field`.
     """
     meta: Any = {}
     if "json" in files:
@@ -172,13 +186,44 @@ def sample_from_files(key: str, files: dict[str, bytes], options: CleaningOption
         if not isinstance(meta, dict):
             return verdict_row(key, skip=METADATA_UNREADABLE)
     image = next((files[ext] for ext in IMAGE_EXTENSIONS if ext in files), None)
-    # img2dataset also keeps the caption in the JSON; the .txt member is the primary copy.
-    caption = files["txt"] if "txt" in files else meta.get("caption")
+    if options.caption_field is not None:
+        caption = meta.get(options.caption_field)
+    else:  # img2dataset also keeps the caption in the JSON; the .txt member is the primary copy.
+        caption = files["txt"] if "txt" in files else meta.get("caption")
     return clean_sample(
         key, image, caption, options,
-        references=meta.get("references"), qa=meta.get("qa"), negative_captions=meta.get("negative_captions"),
+        references=meta.get("references"), qa=meta.get("qa"), negative_captions=meta.get(options.negatives_field),
         group_id=meta.get("scene_id"),
     )
+
+
+def check_text_fields(shards: Sequence[ShardRef], options: CleaningOptions) -> None:
+    """Raise `UserError` when the first sample's .json lacks a field `options` names for its texts: a misspelt
+    field would otherwise skip or strip every sample. Shards without a readable sample are left to the loader."""
+    wanted = {"caption": options.caption_field}
+    if options.negatives_field != CleaningOptions.negatives_field:
+        wanted["negative captions"] = options.negatives_field
+    wanted = {role: name for role, name in wanted.items() if name is not None}
+    if not wanted:
+        return
+    for ref in shards:
+        samples = iter_tar_samples(ref.path)
+        try:
+            key, files = next(samples)
+            meta = json.loads(files["json"])
+        except (*TAR_READ_ERRORS, StopIteration, KeyError, ValueError):
+            continue
+        finally:
+            samples.close()
+        if not isinstance(meta, dict):
+            continue
+        for role, name in wanted.items():
+            if name not in meta:
+                raise UserError(
+                    f"{role} field {name!r} not found in the .json of sample {key} in {ref.path}"
+                    f"{closest(name, meta)}; its fields are: {', '.join(meta)}"
+                )
+        return
 
 
 def _read_path(path: str) -> bytes | None:
@@ -212,14 +257,16 @@ def _first_answer(value: Any) -> Any:
 def clean_dataset_row(
     row: dict[str, Any], index: int, *, columns: dict[str, str | None], options: CleaningOptions
 ) -> dict[str, Any]:
-    """Clean one row of a `datasets` source; `columns` maps image/caption/question/answer/group/key to names."""
+    """Clean one row of a `datasets` source; `columns` maps image/caption/question/answer/group/key/negative_captions
+    to names."""
     key = str(row[columns["key"]]) if columns["key"] else str(index)
     qa = []
     if columns["question"] and columns["answer"]:
         qa = [{"question": row[columns["question"]], "answer": _first_answer(row[columns["answer"]]), "type": "open"}]
     caption = row[columns["caption"]] if columns["caption"] else None
     group = row[columns["group"]] if columns["group"] else None
+    negatives = row[columns["negative_captions"]] if columns["negative_captions"] else None
     return clean_sample(
-        key, _image_bytes(row[columns["image"]]), caption, options, qa=qa,
+        key, _image_bytes(row[columns["image"]]), caption, options, qa=qa, negative_captions=negatives,
         group_id=str(group) if group is not None else None,
     )

@@ -39,6 +39,7 @@ from .cleaning import (
     HIDDEN_FEATURES,
     OUTPUT_FEATURES,
     CleaningOptions,
+    check_text_fields,
     clean_dataset_row,
     sample_from_files,
     verdict_row,
@@ -111,6 +112,7 @@ def _load_shards(
     num_proc: int | None, cache_dir: str | None,
 ) -> Dataset | IterableDataset:
     refs = list_shards(paths)
+    check_text_fields(refs, options)
     folders = ", ".join(sorted({os.path.dirname(r.path) for r in refs}))
     logger.info("reading %d shards as split %r from %s", len(refs), split, folders)
     gen_kwargs = {"shards": [asdict(ref) for ref in refs], "options": options}
@@ -130,7 +132,7 @@ def _load_shards(
 
 def _resolve_columns(
     features: Features | None, *, image: str | None, caption: str | None, question: str | None,
-    answer: str | None, group: str | None, key: str | None, source: str,
+    answer: str | None, group: str | None, key: str | None, negative_captions: str | None, source: str,
 ) -> dict[str, str | None]:
     if features is None:
         raise UserError(f"{source} does not declare its columns; give a source with known features (e.g. parquet)")
@@ -165,6 +167,7 @@ def _resolve_columns(
     return {
         "image": check("image", image), "caption": check("caption", caption), "question": check("question", question),
         "answer": check("answer", answer), "group": check("group", group), "key": key,
+        "negative_captions": check("negative captions", negative_captions),
     }
 
 
@@ -235,6 +238,7 @@ def load_image_text_dataset(
     answer_column: str | None = None,
     group_column: str | None = None,
     key_column: str | None = None,
+    negative_captions_column: str | None = None,
     max_caption_chars: int = 512,
     long_caption_policy: Literal["truncate", "skip"] = "truncate",
     min_image_side: int = 8,
@@ -254,10 +258,13 @@ def load_image_text_dataset(
         config_name: Hub dataset configuration.
         image_column, caption_column: for `datasets` sources; guessed when None (an `Image` column;
             caption/text/...). A caption column holding lists gives the first as caption, the rest
-            as references.
+            as references. For shards, `caption_column` names the field of each sample's .json that
+            holds the caption (default: the .txt member).
         question_column, answer_column: add one question-answer pair per row (type "open").
         group_column: column whose value marks true duplicates (default: the normalised caption).
         key_column: column with a unique sample id (default: the row index).
+        negative_captions_column: column (shards: .json field; default "negative_captions") holding a
+            list of counterfactual captions per image, stage 1's hard negatives.
         max_caption_chars, long_caption_policy: longer captions are cut at a word boundary
             ("truncate", counted as a repair) or left out ("skip", counted as a skip).
         min_image_side, max_image_pixels: smaller images are skipped; larger ones are skipped from
@@ -283,6 +290,7 @@ def load_image_text_dataset(
         shard_paths = [os.fspath(path) for path in source]
         name = f"{len(shard_paths)} shard paths"
     if shard_paths is not None:
+        options = options.with_text_fields(caption_column, negative_captions_column)
         dataset = _load_shards(
             shard_paths, split=split or "train", streaming=streaming, options=options, num_proc=num_proc,
             cache_dir=cache_dir,
@@ -291,6 +299,7 @@ def load_image_text_dataset(
         columns = {
             "image": image_column, "caption": caption_column, "question": question_column,
             "answer": answer_column, "group": group_column, "key": key_column,
+            "negative_captions": negative_captions_column,
         }
         dataset = _load_datasets_source(
             name, split=split, streaming=streaming, config_name=config_name, columns=columns,

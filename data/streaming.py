@@ -36,7 +36,7 @@ import torch
 
 from cli import UserError
 
-from .cleaning import CleaningOptions, sample_from_files
+from .cleaning import CleaningOptions, check_text_fields, sample_from_files
 from .hashing import seeded_hash
 from .tar_shards import _MEMBER_RE, TAR_READ_ERRORS, ShardRef, is_tar_path, iter_tar_samples, list_shards, shard_folder
 
@@ -144,7 +144,9 @@ class ShardStream(torch.utils.data.IterableDataset):
         if folder is None and not (is_tar_path(source) or "*" in source):
             raise UserError(f"streaming reads webdataset shards, and {source} holds none; give a folder of .tar "
                             "shards (python -m data.download or data.synthetic write them), or set streaming: false")
-        return cls(list_shards([folder or source]), options or CleaningOptions(), **kwargs)
+        shards, options = list_shards([folder or source]), options or CleaningOptions()
+        check_text_fields(shards, options)
+        return cls(shards, options, **kwargs)
 
     def text_rows(self) -> Iterator[dict]:
         """Every usable sample of every shard, cleaned, image not decoded: for the texts (a tiny preset's tokenizer

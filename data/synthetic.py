@@ -10,6 +10,9 @@ and a JSON record with everything evaluation and training need beyond img2datase
     negative_captions the caption's template applied to the scene with exactly one attribute of one
                       object changed (every object's colour, one shape, one size, one position):
                       text-side hard negatives that force colour to be bound to objects
+    caption_color_first, negative_captions_color_first
+                      the same caption and negatives with each object named "size colour shape" (the
+                      caption names the colour last): what the tiny stage 1 reads (its caption_column)
     qa                [{"question", "answer", "type", "about"}], type in count/color/shape/size/position/
                       exists; about: the noun phrase of the object asked about ("" for count), which
                       tells evaluation the questions about held-out combinations
@@ -112,6 +115,7 @@ def make_sample(
     buffer = io.BytesIO()
     render(scene, image_size, rng).save(buffer, format="JPEG", quality=jpeg_quality)
     jpg = buffer.getvalue()
+    negatives = negative_scenes(rng, scene, holdouts)  # drawn after the picture, as before: same draws per seed
     record = {
         "url": None,
         "caption": caption,
@@ -128,7 +132,9 @@ def make_sample(
         "template": template,
         "scene": scene_to_json(scene),
         "references": [caption_for(scene, t) for t in range(len(TEMPLATES)) if t != template],
-        "negative_captions": [caption_for(s, template) for s in negative_scenes(rng, scene, holdouts)],
+        "negative_captions": [caption_for(s, template) for s in negatives],
+        "caption_color_first": caption_for(scene, template, color_first=True),
+        "negative_captions_color_first": [caption_for(s, template, color_first=True) for s in negatives],
         "qa": questions_for(scene, rng, holdouts),
     }
     return jpg, record

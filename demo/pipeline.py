@@ -83,11 +83,12 @@ def save_untrained(out: Path, stage1: list[str], stage2: list[str]) -> tuple[Pat
     return out / "qformer", out / "vlm"
 
 
-def evaluate_pair(qformer: Path, vlm: Path, data: Path, out: Path, max_samples: int | None, histories=None):
-    """Stage-1 retrieval and stage-2 captioning/VQA/scene checks on the validation split: (stage-1, stage-2)
-    metrics as `eval.run.evaluate_model` returns them."""
+def evaluate_pair(qformer: Path, vlm: Path, data: Path, out: Path, max_samples: int | None, histories=None, *,
+                  stage1_caption_column: str | None = None):
+    """Stage-1 retrieval (on the captions stage 1 trains on: `stage1_caption_column`) and stage-2 captioning/VQA/
+    scene checks on the validation split: (stage-1, stage-2) metrics as `eval.run.evaluate_model` returns them."""
     common = {"split": "validation", "max_samples": max_samples, "meteor": False, "batch_size": 64}
-    stage1 = evaluate_model(str(qformer), str(data), out / "qformer", **common)
+    stage1 = evaluate_model(str(qformer), str(data), out / "qformer", caption_column=stage1_caption_column, **common)
     stage2 = evaluate_model(str(vlm), str(data), out / "vlm", log_histories=histories, **common)
     return stage1, stage2
 
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
     stage1 += ["--max_steps", str(args.stage1_steps)] if args.stage1_steps else []
     stage2 += ["--max_steps", str(args.stage2_steps)] if args.stage2_steps else []
     # A mistake in a config file or in --extra is reported now, not after minutes of data and stage 1.
-    parse_args((QFormerModelArguments, DataArguments, TrainingArguments), stage1)
+    _, stage1_data, _ = parse_args((QFormerModelArguments, DataArguments, TrainingArguments), stage1)
     parse_args((VLMModelArguments, DataArguments, TrainingArguments), stage2)
 
     logger.info("1/5 generating %d training and %d validation images in %s", args.train, args.validation, data)
@@ -119,7 +120,8 @@ def main(argv: list[str] | None = None) -> dict:
     for stale in ("qformer", "vlm", "untrained", "eval"):
         shutil.rmtree(out / stale, ignore_errors=True)
     untrained_q, untrained_v = save_untrained(out / "untrained", stage1, stage2)
-    u1, u2 = evaluate_pair(untrained_q, untrained_v, data, out / "untrained" / "eval", n_untrained)
+    u1, u2 = evaluate_pair(untrained_q, untrained_v, data, out / "untrained" / "eval", n_untrained,
+                           stage1_caption_column=stage1_data.caption_column)
     update_evaluation(untrained_q, u1)
     update_evaluation(untrained_v, u2)
 
@@ -132,7 +134,8 @@ def main(argv: list[str] | None = None) -> dict:
     logger.info("5/5 evaluating the trained models")
     histories = {f"stage {i}": load_log_history(out / name / "trainer_state.json")
                  for i, name in ((1, "qformer"), (2, "vlm"))}
-    t1, t2 = evaluate_pair(out / "qformer", out / "vlm", data, out / "eval", n_validation, histories)
+    t1, t2 = evaluate_pair(out / "qformer", out / "vlm", data, out / "eval", n_validation, histories,
+                           stage1_caption_column=stage1_data.caption_column)
     update_evaluation(out / "qformer", t1)
     update_evaluation(out / "vlm", t2)
     shutil.copy(out / "eval" / "qformer" / "similarity_grid.png", out / "similarity_grid.png")

@@ -37,7 +37,9 @@ def _parse_args(argv: Sequence[str] | None):
                         help="image column of a datasets source (default: its Image column, or image/img/jpg...)")
     parser.add_argument("--caption-column", default=None,
                         help="caption column of a datasets source; a list of captions per image makes them all "
-                             "references (default: caption/captions/text/sentences...)")
+                             "references (default: caption/captions/text/sentences...); for shards, the field of "
+                             "each sample's .json (default: the .txt member), e.g. the shapes data's "
+                             "caption_color_first for a Q-Former trained on it")
     parser.add_argument("--id-column", default=None,
                         help="image id column of a datasets source: the id in captions.csv, and images with "
                              "different ids are never each other's duplicates (default: the row number, and "

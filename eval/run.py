@@ -45,8 +45,9 @@ def load_rows(
 ) -> list[dict]:
     """The evaluation rows (decoded), at most `max_samples` from the start of the split.
 
-    The columns are for `datasets` sources (guessed when None). `caption_column` may hold a list of captions per
-    image; `id_column` names each image: it becomes the row's key (the id in captions.csv) and its duplicate group,
+    The columns are for `datasets` sources (guessed when None); `caption_column` also names a field of each shard
+    sample's .json (default there: the .txt member). `caption_column` may hold a list of captions per image;
+    `id_column` names each image: it becomes the row's key (the id in captions.csv) and its duplicate group,
     so images with different ids never count as each other's duplicates.
     """
     dataset = load_image_text_dataset(
@@ -146,6 +147,8 @@ def evaluate_model(
     metrics: dict = {"meta": {"model": str(model_name_or_path), "data": f"{data}" + (f" [{split}]" if split else ""),
                               "num_samples": len(rows), "model_type": model_type, "decoding": strategy,
                               "retrieval_texts": retrieval_texts}}
+    if caption_column is not None:  # which of the data's captions the texts were (e.g. stage 1's word order)
+        metrics["meta"]["caption_column"] = caption_column
     if rules:
         metrics["meta"]["holdouts"] = holdouts
 

@@ -225,7 +225,12 @@ class DataArguments:
         default=None, metadata={"help": "Image column of a datasets source (guessed when unset: an Image column)."}
     )
     caption_column: str | None = field(
-        default=None, metadata={"help": "Caption column of a datasets source (guessed when unset: caption, text...)."}
+        default=None, metadata={"help": "Caption column of a datasets source (guessed when unset: caption, text...); "
+                                        "for shards, the field of each sample's .json (unset: the .txt member)."}
+    )
+    negative_captions_column: str | None = field(
+        default=None, metadata={"help": "Column (shards: .json field) of counterfactual captions per image, for "
+                                        "hard_negatives (unset: negative_captions)."}
     )
     max_train_samples: int | None = field(
         default=None, metadata={"help": "Train on the first N samples only (unset: all)."}

@@ -19,6 +19,7 @@ import transformers
 from datasets import Dataset
 from transformers import Trainer, TrainingArguments, set_seed
 
+from data.cleaning import CleaningOptions
 from data.loading import SkipReport, load_image_text_dataset, split_train_eval
 from data.streaming import ShardStream
 
@@ -65,11 +66,13 @@ def load_splits(data_args: DataArguments, training_args: TrainingArguments) -> t
     a `ShardStream` of this process's share of the shards (nothing is read yet); evaluation stays map-style.
     """
     report = SkipReport()
-    columns = {"image_column": data_args.image_column, "caption_column": data_args.caption_column}
+    columns = {"image_column": data_args.image_column, "caption_column": data_args.caption_column,
+               "negative_captions_column": data_args.negative_captions_column}
     if data_args.streaming:
         train = ShardStream.from_source(
             data_args.train_data, seed=training_args.seed, buffer_size=data_args.shuffle_buffer_size,
-            rank=training_args.process_index, world_size=training_args.world_size)
+            rank=training_args.process_index, world_size=training_args.world_size,
+            options=CleaningOptions().with_text_fields(data_args.caption_column, data_args.negative_captions_column))
         evaluation = load_image_text_dataset(data_args.eval_data, split="validation", report=report, **columns)
         report.log(logger, prefix="evaluation data: ")
         if data_args.max_eval_samples is not None:

@@ -92,7 +92,11 @@ def _cases(w: dict[str, str], out: str) -> dict[str, tuple[list[str], list[str]]
         "empty data folder": ([*q, STAGE1, *data, "--train_data", w["empty"]], [w["empty"], "is empty"]),
         "unreadable data file": ([*q, STAGE1, *data, "--train_data", w["garbage.parquet"]],
                                  [w["garbage.parquet"], "cannot read"]),
-        "hard negatives without negatives": ([*q, STAGE1, *data, "--train_data", w["captions"]],
+        # The tiny stage 1 reads the shapes data's "size colour shape" captions (caption_column in its YAML).
+        "the tiny stage 1 on data without its caption column": (
+            [*q, STAGE1, *data, "--train_data", w["captions"]],
+            ["caption column 'caption_color_first' not found", "columns are: image, text"]),
+        "hard negatives without negatives": ([*q, *data, "--train_data", w["captions"], "--hard_negatives", "2"],
                                              ["hard_negatives: 2", "negative_captions", "hard_negatives: 0"]),
         "no checkpoint to resume": ([*q, STAGE1, *data, "--resume_from_checkpoint", "true", "--output_dir",
                                      w["empty"]], ["--resume_from_checkpoint", "no complete checkpoint", w["empty"]]),

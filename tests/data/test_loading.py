@@ -18,14 +18,15 @@ from PIL import Image
 
 from cli import UserError
 from data import sanitize
-from data.cleaning import QA_DROPPED
+from data.cleaning import QA_DROPPED, CleaningOptions
 from data.loading import OUTPUT_FEATURES, load_image_text_dataset, split_train_eval
 from data.shard_writer import ShardWriter
 from data.skip_report import SkipReport
+from data.streaming import ShardStream
 from data.synthetic import make_sample
 from data.tar_shards import SHARD_DAMAGED, SHARD_EMPTY, SHARD_MISSING
 
-from .conftest import encode
+from .conftest import encode, read_tar
 
 
 def _rows(dataset) -> list[dict]:
@@ -54,6 +55,37 @@ def test_generator_shards_same_rows_map_style_and_streaming(shapes_dir: Path, tm
     assert first["image"].mode == "RGB" and first["references"][0] == first["caption"]
     assert first["group_id"].count(":") >= 1  # the scene id, not a caption
     assert first["qa"] and first["negative_captions"]
+
+
+def test_shard_caption_and_negatives_from_named_json_fields(shapes_dir: Path, tmp_path: Path) -> None:
+    # The tiny stage 1 reads the shapes data's "size colour shape" captions: its caption_column names a .json field.
+    fields = {"caption_column": "caption_color_first", "negative_captions_column": "negative_captions_color_first"}
+    mapped = load_image_text_dataset(shapes_dir, split="train", cache_dir=str(tmp_path), **fields)
+    default = load_image_text_dataset(shapes_dir, split="train", cache_dir=str(tmp_path))
+    rows = _rows(mapped)
+    assert rows == _rows(load_image_text_dataset(shapes_dir, split="train", streaming=True, **fields))
+    stream = ShardStream.from_source(str(shapes_dir), seed=0, buffer_size=1,
+                                     options=CleaningOptions().with_text_fields(*fields.values()))
+    assert sorted(row["caption"] for row in stream.text_rows()) == sorted(mapped["caption"])
+    records = {}
+    for tar in sorted((shapes_dir / "train").glob("*.tar")):
+        records |= {key: json.loads(files["json"]) for key, files in read_tar(tar).items()}
+    assert len(rows) == len(records) == 30
+    for row, plain in zip(rows, _rows(default)):
+        record = records[row["key"]]
+        assert row["caption"] == record["caption_color_first"] != plain["caption"] == record["caption"]
+        assert row["negative_captions"] == record["negative_captions_color_first"]
+        assert plain["negative_captions"] == record["negative_captions"]
+        # Everything else is the sample's as before.
+        assert {k: v for k, v in row.items() if k not in ("caption", "references", "negative_captions")} == {
+            k: v for k, v in plain.items() if k not in ("caption", "references", "negative_captions")}
+    # A misspelt field is one clear error before anything is read, not 30 skipped samples.
+    with pytest.raises(UserError, match=r"caption field 'caption_colour_first' not found in the .json of sample "
+                                        r".*\(did you mean caption_color_first\?\); its fields are: url, caption"):
+        load_image_text_dataset(shapes_dir, split="train", caption_column="caption_colour_first")
+    with pytest.raises(UserError, match=r"negative captions field 'negatives' not found"):
+        ShardStream.from_source(str(shapes_dir), seed=0, buffer_size=1,
+                                options=CleaningOptions().with_text_fields(None, "negatives"))
 
 
 def test_generator_and_img2dataset_shards_give_the_same_samples(
@@ -229,17 +261,19 @@ def test_saved_dataset_with_custom_columns(tmp_path: Path) -> None:
             "q": ["what colour?", "what colour?", "what colour?"],
             "a": [["red", "crimson"], ["blue"], ["green"]],
             "image_id": [7, 8, 9],
+            "foils": [["a blue square"], ["a red square", " "], []],
         },
         {
             "picture": ImageFeature(), "sentences": List(Value("string")), "q": Value("string"),
-            "a": List(Value("string")), "image_id": Value("int64"),
+            "a": List(Value("string")), "image_id": Value("int64"), "foils": List(Value("string")),
         },
     )
     report = SkipReport()
     dataset = load_image_text_dataset(
         source, image_column="picture", caption_column="sentences", question_column="q", answer_column="a",
-        group_column="image_id", report=report, cache_dir=str(tmp_path / "cache"),
+        group_column="image_id", negative_captions_column="foils", report=report, cache_dir=str(tmp_path / "cache"),
     )
+    assert dataset["negative_captions"] == [["a blue square"], ["a red square"]]  # the blank one dropped, counted
     assert dataset["caption"] == ["a red square", "a blue square"]
     assert dataset["references"] == [["a red square", "red"], ["a blue square"]]
     assert dataset["qa"][0] == [{"question": "what colour?", "answer": "red", "type": "open", "about": None}]
@@ -247,6 +281,8 @@ def test_saved_dataset_with_custom_columns(tmp_path: Path) -> None:
     assert report.skipped == {sanitize.CAPTION_MISSING: 1}
     with pytest.raises(ValueError, match=r"caption column 'nope' not found .* columns are: picture, sentences"):
         load_image_text_dataset(source, caption_column="nope")
+    with pytest.raises(UserError, match=r"negative captions column 'foil' not found .*\(did you mean foils\?\)"):
+        load_image_text_dataset(source, negative_captions_column="foil")
     with pytest.raises(UserError, match="no such file or folder"):
         load_image_text_dataset(str(tmp_path / "no" / "such" / "folder"))
 

@@ -29,7 +29,16 @@ from data.shapes import (
     scene_from_json,
     scene_id,
 )
-from data.synthetic import caption_for, generate_scene, main, parse_caption, questions_for, render, write_split
+from data.synthetic import (
+    caption_for,
+    generate_scene,
+    main,
+    make_sample,
+    parse_caption,
+    questions_for,
+    render,
+    write_split,
+)
 
 from .conftest import read_tar
 
@@ -101,6 +110,35 @@ def test_every_template_names_the_colour_apart_from_the_size_and_shape(template_
         colour_at = words.index(obj.color)
         assert words.index(obj.size) < words.index(obj.shape) < colour_at - 2, words
         assert position_phrase(obj.row, obj.col).split()[-1] in words[words.index(obj.shape) : colour_at], words
+
+
+@pytest.mark.parametrize("template_id", range(len(TEMPLATES)))
+def test_color_first_captions_name_each_object_size_colour_shape(template_id: int) -> None:
+    # Stage 1's text encoder binds a colour to its object best when the words are adjacent (round eight).
+    for scene in ALL_SINGLE_OBJECT_SCENES + _random_scenes(400, seed=template_id):
+        caption = caption_for(scene, template_id, color_first=True)
+        assert parse_caption(caption) == scene, caption
+        words = " ".join(re.findall(r"\w+", caption))
+        for obj in scene:
+            assert f" {obj.size} {obj.color} {obj.shape} " in f" {words} ", caption
+
+
+def test_a_sample_carries_both_word_orders_of_one_caption_and_its_negatives() -> None:
+    rng = random.Random("shapes/0/train/0")  # the first training shard of seed 0
+    records = [make_sample(rng, f"{i:09d}", holdouts=[parse_holdout("green triangle"), parse_holdout("large blue")])[1]
+               for i in range(50)]
+    for record in records:
+        assert parse_caption(record["caption_color_first"]) == parse_caption(record["caption"])
+        assert len(record["negative_captions_color_first"]) == len(record["negative_captions"])
+        for first, last in zip(record["negative_captions_color_first"], record["negative_captions"]):
+            assert parse_caption(first) == parse_caption(last) != parse_caption(record["caption"])
+    # The draws are those of the data generated before the colour-last captions existed: the colour-first caption
+    # and negatives of the first sample are what seed 0 wrote then (round eight's stage-1 models were trained on it).
+    assert records[0]["caption_color_first"] == "an image of a small yellow triangle at the bottom center"
+    assert records[0]["negative_captions_color_first"][:2] == [
+        "an image of a small purple triangle at the bottom center",
+        "an image of a small yellow circle at the bottom center",
+    ]
 
 
 def test_parser_reads_an_objects_words_in_any_order() -> None:
@@ -198,6 +236,7 @@ def test_held_out_combinations_never_reach_train(tmp_path) -> None:
         for files in read_tar(next((tmp_path / split).glob("*.tar"))).values():
             meta = json.loads(files["json"])
             texts = [meta["caption"], *meta["references"], *meta["negative_captions"]]
+            texts += [meta["caption_color_first"], *meta["negative_captions_color_first"]]
             texts += [pair[field] for pair in meta["qa"] for field in ("question", "answer", "about")]
             yield scene_from_json(meta["scene"]), " ".join(texts), [set(pair["about"].split()) for pair in meta["qa"]]
 
