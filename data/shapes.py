@@ -203,39 +203,41 @@ def _count_phrase(n: int) -> str:
     return f"{COUNT_WORDS[n]} shape{'s' if n > 1 else ''}"
 
 
-# Every template names an object's size and shape first, then its position, and its colour last: colour never
-# directly follows the shape or the size. With "a small green triangle", the language model predicts the shape right
-# after the colour word, and training text in which "green" is never followed by "triangle" taught it to write
-# "green square" for a green triangle it had never seen (0-17 of 110-123 named right in three whole runs). With the
-# colour named apart, stage 2 on one stage-1 model named 91 and 95 of 118, and the held-out objects' caption recall
-# went from 0.29 / 0.38 to 0.62 / 0.70 of the seen objects' (docs/tiny-recipe.md, round eight).
-# Each template stays within 10 words per object, as the longest did before: three objects take 34 tokens at most.
-def _object_phrase(obj: ShapeObject, where: str, colour_intro: str) -> str:
-    return f"{obj.size} {obj.shape} {where} the {position_phrase(obj.row, obj.col)} {colour_intro} {obj.color}"
+# Every template names an object's size and shape first, then its colour, and its position last ("a small triangle
+# that is green in the top left"): colour never directly follows the size or the shape. With "a small green
+# triangle", the language model predicts the shape right after the colour word, and training text in which "green" is
+# never followed by "triangle" taught it to write "green square" for a green triangle it had never seen (0-17 of
+# 110-123 named right in three whole runs; with the colour named apart, stage 2 on one stage-1 model named 91 and 95
+# of 118, docs/tiny-recipe.md round eight). The position comes after the whole description, as "where is the small
+# green triangle?" asks: on two stage-1 models, position answers 0.602 / 0.610 with the position between the shape and
+# the colour, 0.699 / 0.696 with it last (round nine).
+# Each template stays within 10 words per object: three objects take 34 tokens at most.
+def _object_phrase(obj: ShapeObject, colour_intro: str, where: str) -> str:
+    return f"{obj.size} {obj.shape} {colour_intro} {obj.color} {where} the {position_phrase(obj.row, obj.col)}"
 
 
 def _template_that_is(scene: Scene) -> str:
-    return _join([f"a {_object_phrase(o, 'in', 'that is')}" for o in scene])
+    return _join([f"a {_object_phrase(o, 'that is', 'in')}" for o in scene])
 
 
 def _template_count(scene: Scene) -> str:
-    return f"{_count_phrase(len(scene))}: " + _join([f"a {_object_phrase(o, 'at', 'colored')}" for o in scene])
+    return f"{_count_phrase(len(scene))}: " + _join([f"a {_object_phrase(o, 'colored', 'at')}" for o in scene])
 
 
-def _template_is(scene: Scene) -> str:
-    return _join([f"the {_object_phrase(o, 'in', 'is')}" for o in scene])
+def _template_is_in(scene: Scene) -> str:
+    return _join([f"the {_object_phrase(o, 'in', 'is in')}" for o in scene])
 
 
 def _template_image_of(scene: Scene) -> str:
-    return "an image of " + _join([f"a {_object_phrase(o, 'at', 'in')}" for o in scene])
+    return "an image of " + _join([f"a {_object_phrase(o, 'in', 'at')}" for o in scene])
 
 
 def _template_painted(scene: Scene) -> str:
-    return _join([f"a {_object_phrase(o, 'at', 'painted')}" for o in scene])
+    return _join([f"a {_object_phrase(o, 'painted', 'at')}" for o in scene])
 
 
 # Paraphrases of one scene; each names every attribute of every object, so each parses back exactly.
-TEMPLATES = (_template_that_is, _template_count, _template_is, _template_image_of, _template_painted)
+TEMPLATES = (_template_that_is, _template_count, _template_is_in, _template_image_of, _template_painted)
 
 
 # The same five paraphrases with each object named "size colour shape" ("a small green triangle in the top left"),
