@@ -209,8 +209,8 @@ def _count_phrase(n: int) -> str:
 # never followed by "triangle" taught it to write "green square" for a green triangle it had never seen (0-17 of
 # 110-123 named right in three whole runs; with the colour named apart, stage 2 on one stage-1 model named 91 and 95
 # of 118, docs/tiny-recipe.md round eight). The position comes after the whole description, as "where is the small
-# green triangle?" asks: on two stage-1 models, position answers 0.602 / 0.610 with the position between the shape and
-# the colour, 0.699 / 0.696 with it last (round nine).
+# green triangle?" asks: with only stage 2 retrained on two stage-1 models, position answers went from 0.602 / 0.610
+# (the position between the shape and the colour) to 0.699 / 0.696; whole runs gave 0.621-0.639 (round nine).
 # Each template stays within 10 words per object: three objects take 34 tokens at most.
 def _object_phrase(obj: ShapeObject, colour_intro: str, where: str) -> str:
     return f"{obj.size} {obj.shape} {colour_intro} {obj.color} {where} the {position_phrase(obj.row, obj.col)}"
