@@ -211,33 +211,15 @@ def _count_phrase(n: int) -> str:
 # of 118, docs/tiny-recipe.md round eight). The position comes after the whole description, as "where is the small
 # green triangle?" asks: with only stage 2 retrained on two stage-1 models, position answers went from 0.602 / 0.610
 # (the position between the shape and the colour) to 0.699 / 0.696; whole runs gave 0.621-0.639 (round nine).
-# Each template stays within 10 words per object: three objects take 34 tokens at most.
-def _object_phrase(obj: ShapeObject, colour_intro: str, where: str) -> str:
-    return f"{obj.size} {obj.shape} {colour_intro} {obj.color} {where} the {position_phrase(obj.row, obj.col)}"
-
-
-def _template_that_is(scene: Scene) -> str:
-    return _join([f"a {_object_phrase(o, 'that is', 'in')}" for o in scene])
-
-
-def _template_count(scene: Scene) -> str:
-    return f"{_count_phrase(len(scene))}: " + _join([f"a {_object_phrase(o, 'colored', 'at')}" for o in scene])
-
-
-def _template_is_in(scene: Scene) -> str:
-    return _join([f"the {_object_phrase(o, 'in', 'is in')}" for o in scene])
-
-
-def _template_image_of(scene: Scene) -> str:
-    return "an image of " + _join([f"a {_object_phrase(o, 'in', 'at')}" for o in scene])
-
-
-def _template_painted(scene: Scene) -> str:
-    return _join([f"a {_object_phrase(o, 'painted', 'at')}" for o in scene])
-
-
-# Paraphrases of one scene; each names every attribute of every object, so each parses back exactly.
-TEMPLATES = (_template_that_is, _template_count, _template_is_in, _template_image_of, _template_painted)
+# Each template is (its opening, one object's words, at most 10); the objects are joined with commas and "and", and
+# the opening may name their count. Every template names every attribute of every object, so each parses back exactly.
+TEMPLATES = (
+    ("", "a {size} {shape} that is {color} in the {where}"),
+    ("{count}: ", "a {size} {shape} colored {color} at the {where}"),
+    ("", "the {size} {shape} in {color} is in the {where}"),
+    ("an image of ", "a {size} {shape} in {color} at the {where}"),
+    ("", "a {size} {shape} painted {color} at the {where}"),
+)
 
 
 # The same five paraphrases with each object named "size colour shape" ("a small green triangle in the top left"),
@@ -245,29 +227,12 @@ TEMPLATES = (_template_that_is, _template_count, _template_is_in, _template_imag
 # adjacent (R@1 0.89-0.91 on one seed, against 0.79 with two or three words between and 0.62 with five or six), and
 # the language model trained on a stage 1 that read this order answered position questions 0.60-0.85 in five runs,
 # against 0.60-0.64 in six of seven on one that read the colour last (docs/tiny-recipe.md, round eight).
-def _color_first_in(scene: Scene) -> str:
-    return _join([f"a {o.description} in the {position_phrase(o.row, o.col)}" for o in scene])
-
-
-def _color_first_count(scene: Scene) -> str:
-    objects = _join([f"a {o.description} at the {position_phrase(o.row, o.col)}" for o in scene])
-    return f"{_count_phrase(len(scene))}: {objects}"
-
-
-def _color_first_has(scene: Scene) -> str:
-    return _join([f"the {position_phrase(o.row, o.col)} has a {o.description}" for o in scene])
-
-
-def _color_first_image_of(scene: Scene) -> str:
-    return "an image of " + _join([f"a {o.description} at the {position_phrase(o.row, o.col)}" for o in scene])
-
-
-def _color_first_there_is(scene: Scene) -> str:
-    return _join([f"in the {position_phrase(o.row, o.col)} there is a {o.description}" for o in scene])
-
-
 COLOR_FIRST_TEMPLATES = (
-    _color_first_in, _color_first_count, _color_first_has, _color_first_image_of, _color_first_there_is,
+    ("", "a {size} {color} {shape} in the {where}"),
+    ("{count}: ", "a {size} {color} {shape} at the {where}"),
+    ("", "the {where} has a {size} {color} {shape}"),
+    ("an image of ", "a {size} {color} {shape} at the {where}"),
+    ("", "in the {where} there is a {size} {color} {shape}"),
 )
 
 
@@ -277,7 +242,11 @@ def caption_for(scene: Sequence[ShapeObject], template_id: int, *, color_first: 
     templates = COLOR_FIRST_TEMPLATES if color_first else TEMPLATES
     if not 0 <= template_id < len(templates):
         raise ValueError(f"template_id {template_id} out of range; there are {len(templates)} templates")
-    return templates[template_id](make_scene(scene))
+    scene = make_scene(scene)
+    opening, words = templates[template_id]
+    objects = [words.format(size=o.size, color=o.color, shape=o.shape, where=position_phrase(o.row, o.col))
+               for o in scene]
+    return opening.format(count=_count_phrase(len(scene))) + _join(objects)
 
 
 # An object's words may come in any order within its clause ("a small green triangle in the top left", "a small
