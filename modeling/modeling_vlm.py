@@ -164,15 +164,23 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
         return self.adapter(self.qformer.get_query_outputs(pixel_values, vision_features))
 
     def _merge_image_features(self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, image_features: torch.Tensor):
-        """Writes `image_features` `(B, Q, H)` at the image-token positions of `inputs_embeds` `(B, T, H)`."""
+        """Writes `image_features` `(B, Q, H)` at the image-token positions of `inputs_embeds` `(B, T, H)`.
+
+        A row may hold its image's `Q` tokens more than once (the collator's `separate_turns` batches when the
+        chat template puts the image after each question): every copy receives the same visual tokens.
+        """
         image_mask = input_ids == self.config.image_token_id
-        expected = image_features.shape[0] * image_features.shape[1]
-        if int(image_mask.sum()) != expected:
+        per_row = image_mask.sum(dim=1)
+        queries = image_features.shape[1]
+        if image_features.shape[0] != input_ids.shape[0] or bool((per_row == 0).any() | (per_row % queries).any()):
             raise ValueError(
-                f"the prompts hold {int(image_mask.sum())} image tokens but the images give {expected} visual tokens "
-                f"({image_features.shape[0]} images x {image_features.shape[1]} queries); build prompts with the "
-                "processor, which expands each image placeholder into num_query_tokens image tokens"
+                f"the prompts hold {per_row.tolist()} image tokens per row but the images give {queries} visual "
+                f"tokens each ({image_features.shape[0]} images); build prompts with the processor, which expands "
+                "each image placeholder into num_query_tokens image tokens"
             )
+        copies = (per_row // queries).tolist()
+        if max(copies) > 1:
+            image_features = torch.cat([features.repeat(n, 1) for features, n in zip(image_features, copies)])
         return inputs_embeds.masked_scatter(image_mask.unsqueeze(-1), image_features.to(inputs_embeds.dtype))
 
     def forward(

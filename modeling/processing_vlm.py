@@ -6,18 +6,32 @@ its visual tokens; the rest (batching, padding, chat templates) is `ProcessorMix
 
 from transformers import ProcessorMixin
 
-# A minimal ChatML template (the format of SmolLM-Instruct and Qwen3): an image item renders as the placeholder.
-DEFAULT_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' }}"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for item in message['content'] %}"
-    "{% if item['type'] == 'image' %}{{ '<image>' }}{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}"
-    "{{ '<|im_end|>\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+
+def chatml_template(image_after_text: bool = False) -> str:
+    """A minimal ChatML template (the format of SmolLM-Instruct and Qwen3); an image item renders as the placeholder.
+
+    With `image_after_text`, a message's text comes first and its image after it, wherever the image item stands
+    in the message: the visual tokens then follow the question and can attend to it, so each one can tell whether
+    it is what the question names (docs/tiny-recipe.md, round ten).
+    """
+    if image_after_text:
+        content = ("{% for item in message['content'] if item['type'] == 'text' %}{{ item['text'] }}{% endfor %}"
+                   "{% for item in message['content'] if item['type'] == 'image' %}{{ '<image>' }}{% endfor %}")
+    else:
+        content = ("{% for item in message['content'] %}{% if item['type'] == 'image' %}{{ '<image>' }}"
+                   "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}")
+    return (
+        "{% for message in messages %}"
+        "{{ '<|im_start|>' + message['role'] + '\n' }}"
+        "{% if message['content'] is string %}{{ message['content'] }}"
+        "{% else %}" + content + "{% endif %}"
+        "{{ '<|im_end|>\n' }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    )
+
+
+DEFAULT_CHAT_TEMPLATE = chatml_template()
 
 
 class VLMProcessor(ProcessorMixin):

@@ -123,10 +123,11 @@ class CaptioningCollator:
         pixel_format: as in `ContrastiveCollator`.
         separate_turns: every turn sees the image and its own question only, as evaluation asks them, never an
             earlier turn (whose caption or answers would give the answer away as text). The turns share one copy
-            of the image prefix: each one's tokens get the positions and the attention they would have in a
-            conversation of its own (a `(B, 1, T, T)` boolean `attention_mask` and `position_ids`), so a batch
-            costs what the multi-turn conversation costs (a token less per turn: the template's newline after each
-            answer, which no other token sees).
+            of what they all start with (the image, when the chat template puts it first; with the image after the
+            question each turn has its own copy): each one's tokens get the positions and the attention they would
+            have in a conversation of its own (a `(B, 1, T, T)` boolean `attention_mask` and `position_ids`), so
+            with the image first a batch costs what the multi-turn conversation costs (a token less per turn: the
+            template's newline after each answer, which no other token sees).
     """
 
     processor: object
@@ -225,46 +226,52 @@ class CaptioningCollator:
         return inside
 
     def _check_image_tokens(self, input_ids: torch.Tensor) -> None:
-        if not bool((input_ids == self.processor.image_token_id).sum(dim=1).eq(self.processor.num_query_tokens).all()):
+        # Each row holds its image's tokens once, or once per turn when the chat template puts the image after
+        # each question: a cut copy would be a malformed image.
+        counts = (input_ids == self.processor.image_token_id).sum(dim=1)
+        if bool((counts == 0).any() | (counts % self.processor.num_query_tokens).any()):
             raise UserError(
                 f"max_length: {self.max_length} cuts into the {self.processor.num_query_tokens} image tokens of a "
                 f"conversation; raise max_length"
             )
 
-    def _encoded_turn(self, turn: tuple[str, str]) -> tuple[tuple[int, ...], int, tuple[bool, ...]]:
-        """A one-turn conversation about the image: its token ids, the length of its image prefix (through the last
-        image token) and, for each token after the prefix, whether it is part of the answer."""
+    def _encoded_turn(self, turn: tuple[str, str]) -> tuple[tuple[int, ...], tuple[bool, ...]]:
+        """A one-turn conversation about the image: its token ids and, for each token, whether it is part of the
+        answer."""
         cached = self._turn_cache.get(turn)
         if cached is None:
             text, spans = self._expanded(self.render([turn]))
             encoded = self._tokenize([text], padding=False)
-            turn_ids = tuple(encoded["input_ids"][0])
-            prefix = max(i for i, token in enumerate(turn_ids) if token == self.processor.image_token_id) + 1
-            inside = tuple(self._inside(encoded["offset_mapping"][0], spans)[prefix:].tolist())
+            inside = tuple(self._inside(encoded["offset_mapping"][0], spans).tolist())
             if len(self._turn_cache) >= self._TURN_CACHE_SIZE:
                 self._turn_cache.clear()
-            cached = self._turn_cache[turn] = (turn_ids, prefix, inside)
+            cached = self._turn_cache[turn] = (tuple(encoded["input_ids"][0]), inside)
         return cached
 
     def _shared_prefix_batch(self, rows: Sequence[dict]) -> dict[str, torch.Tensor]:
-        """One sequence per image: the prefix up to the last image token once, then every turn's tokens, each turn
-        placed (positions) and masked (attention) as if it followed the prefix alone."""
-        pad_id = self.processor.tokenizer.pad_token_id
+        """One sequence per image: the tokens every turn starts with once (the image, when the chat template puts it
+        first), then every turn's own tokens, each turn placed (positions) and masked (attention) as if it followed
+        that prefix alone. A turn that would not fit whole through its image tokens is left out."""
+        pad_id, image_id = self.processor.tokenizer.pad_token_id, self.processor.image_token_id
         sequences = []
         for row in rows:
-            ids, labels, positions, segments = [], [], [], []
-            for k, turn in enumerate(self.conversation(row)):
-                turn_ids, prefix, inside = self._encoded_turn(turn)
-                if k == 0:
-                    ids, positions, segments = list(turn_ids[:prefix]), list(range(prefix)), [0] * prefix
-                    labels = [-100] * prefix
-                elif turn_ids[:prefix] != tuple(ids[:prefix]):
-                    raise ValueError("the chat template does not start every one-turn conversation the same way")
+            turns = [self._encoded_turn(turn) for turn in self.conversation(row)]
+            # The common prefix of the one-turn conversations, never into an answer: shared tokens sit at the same
+            # positions and see the same tokens in every turn, so one copy serves them all.
+            prefix = min(min(len(ids), inside.index(True) if True in inside else len(ids)) for ids, inside in turns)
+            for ids, _ in turns[1:]:
+                prefix = next((i for i in range(prefix) if ids[i] != turns[0][0][i]), prefix)
+            ids, labels = list(turns[0][0][:prefix]), [-100] * prefix
+            positions, segments = list(range(prefix)), [0] * prefix
+            for k, (turn_ids, inside) in enumerate(turns):
                 # What follows the turn's last answer token (the template's newline) is seen by no other token and
                 # carries no loss: it is left out.
-                end = prefix + (max(i for i, keep in enumerate(inside) if keep) + 1 if any(inside) else len(inside))
+                end = max(i for i, keep in enumerate(inside) if keep) + 1 if any(inside) else len(inside)
+                images = [i for i in range(prefix, end) if turn_ids[i] == image_id]
+                if k and images and len(ids) + images[-1] - prefix >= self.max_length:
+                    break
                 ids += turn_ids[prefix:end]
-                labels += [t if keep else -100 for t, keep in zip(turn_ids[prefix:end], inside)]
+                labels += [t if keep else -100 for t, keep in zip(turn_ids[prefix:end], inside[prefix:end])]
                 positions += range(prefix, end)
                 segments += [k + 1] * (end - prefix)
             sequences.append([values[: self.max_length] for values in (ids, labels, positions, segments)])

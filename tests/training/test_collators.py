@@ -76,43 +76,51 @@ def test_the_same_sample_gets_the_same_conversation_in_any_batch(rows_and_proces
     assert torch.equal(together["labels"][3, :length], alone["labels"][0, :length])
 
 
-def test_separate_turns_equal_one_conversation_per_turn(rows_and_processor):
+@pytest.mark.parametrize("image_after_text", [False, True])
+def test_separate_turns_equal_one_conversation_per_turn(shapes_data, image_after_text):
     """With separate_turns each turn must see the image and its own question only: the shared-prefix batch gives
-    every answer token the logits it gets in a conversation of its own (the way evaluation asks)."""
-    rows, processor = rows_and_processor
+    every answer token the logits it gets in a conversation of its own (the way evaluation asks), whether the chat
+    template puts the image before the question (one copy for all turns) or after it (a copy in every turn)."""
+    dataset = load_image_text_dataset(str(shapes_data), split="train")
+    rows = [dataset[i] for i in range(NUM_ROWS)]
     qformer, qformer_processor = tiny_qformer_and_processor()
-    model, _ = build_vlm(qformer, qformer_processor, corpus=[r["caption"] for r in rows], lm=TINY_LM,
-                         lm_vocab_size=300)
-    model.language_model.resize_token_embeddings(len(processor.tokenizer))
-    model.config.image_token_id = processor.image_token_id
+    model, processor = build_vlm(qformer, qformer_processor, corpus=text_corpus(dataset), lm=TINY_LM,
+                                 lm_vocab_size=300, image_after_text=image_after_text)
     model.eval()
-    collator = CaptioningCollator(processor, max_length=512, qa_turns=20, separate_turns=True)
+    collator = CaptioningCollator(processor, max_length=1024, qa_turns=20, separate_turns=True)
     shared = collator(rows)
     # A second batch of the same rows is built from the collator's cache of encoded turns: it must not differ.
     again = collator(rows)
     assert all(torch.equal(shared[name], again[name]) for name in shared)
     assert shared["attention_mask"].shape == (len(rows), 1, shared["input_ids"].shape[1], shared["input_ids"].shape[1])
+    copies = (shared["input_ids"] == processor.image_token_id).sum(dim=1) // processor.num_query_tokens
+    turns_per_row = torch.tensor([1 + len(row["qa"]) for row in rows])
+    assert torch.equal(copies, turns_per_row if image_after_text else torch.ones_like(copies))
     with torch.no_grad():
         hidden = model(**{**shared, "labels": None}).logits
-    alone = CaptioningCollator(processor, max_length=512, qa_turns=0)
+    alone = CaptioningCollator(processor, max_length=1024, qa_turns=0)
     checked = 0
     for i, row in enumerate(rows):
         turns = collator.conversation(row)
         assert len(turns) == 1 + len(row["qa"])
+        # Each turn after the first starts where the positions fall back to the end of the shared prefix.
+        positions = shared["position_ids"][i]
+        starts = (positions[1:] < positions[:-1]).nonzero().flatten() + 1
+        prefix = int(positions[starts[0]])
+        assert processor.tokenizer.decode(shared["input_ids"][i, :prefix]).startswith("<|im_start|>user")
         for k, turn in enumerate(turns):
-            batch = alone._tokenize([alone._expanded(alone.render([turn]))[0]], padding=True)
+            text = alone._expanded(alone.render([turn]))[0]
+            assert text.index(processor.image_token) > text.index(turn[0]) if image_after_text else \
+                text.index(processor.image_token) < text.index(turn[0])
+            batch = alone._tokenize([text], padding=True)
             with torch.no_grad():
                 single = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                pixel_values=shared["pixel_values"][i : i + 1]).logits[0]
-            # The turn's tokens in the shared sequence: segment k + 1 follows the prefix at positions prefix..end.
-            positions = shared["position_ids"][i]
-            starts = (positions[1:] < positions[:-1]).nonzero().flatten() + 1
-            prefix = int((batch["input_ids"][0] == processor.image_token_id).nonzero().max()) + 1
+            assert torch.equal(shared["input_ids"][i, :prefix], batch["input_ids"][0, :prefix])
             begin = prefix if k == 0 else int(starts[k - 1])
             # The shared sequence leaves out what follows the answer's end token (the template's newline).
-            length = len(batch["input_ids"][0]) - prefix - 1
             assert processor.tokenizer.decode(batch["input_ids"][0, -1]) == "\n"
-            end = begin + length
+            end = begin + len(batch["input_ids"][0]) - prefix - 1
             assert torch.equal(shared["input_ids"][i, begin:end], batch["input_ids"][0, prefix:-1])
             torch.testing.assert_close(hidden[i, begin:end], single[prefix:-1], atol=1e-4, rtol=1e-4)
             checked += 1
@@ -123,6 +131,26 @@ def test_separate_turns_equal_one_conversation_per_turn(rows_and_processor):
     end_token = processor.tokenizer.eos_token
     assert sorted(answers) == sorted([r["caption"] + end_token for r in rows]
                                      + [qa["answer"] + end_token for r in rows for qa in r["qa"]])
+
+
+def test_a_turn_that_does_not_fit_whole_is_left_out(shapes_data):
+    """With the image after each question, a max_length that would cut a turn's image tokens leaves the turn out
+    (and the turns after it) rather than feeding the model a piece of an image."""
+    dataset = load_image_text_dataset(str(shapes_data), split="train")
+    rows = [dataset[i] for i in range(NUM_ROWS)]
+    qformer, qformer_processor = tiny_qformer_and_processor()
+    _, processor = build_vlm(qformer, qformer_processor, corpus=text_corpus(dataset), lm=TINY_LM, lm_vocab_size=300,
+                             image_after_text=True)
+    full = CaptioningCollator(processor, max_length=1024, qa_turns=20, separate_turns=True)(rows)
+    for max_length in (60, 97, 150):
+        batch = CaptioningCollator(processor, max_length=max_length, qa_turns=20, separate_turns=True)(rows)
+        assert batch["input_ids"].shape[1] <= max_length
+        for i in range(len(rows)):
+            images = batch["input_ids"][i] == processor.image_token_id
+            assert int(images.sum()) % processor.num_query_tokens == 0 and int(images.sum()) > 0
+            # What is kept is the start of the whole conversation, token for token.
+            kept = int((batch["position_ids"][i] > 0).sum()) + 1
+            assert torch.equal(batch["input_ids"][i, :kept], full["input_ids"][i, :kept])
 
 
 def test_hard_negatives_cover_every_kind_of_change(shapes_data):
