@@ -49,8 +49,10 @@ def test_processor_pads_on_the_left_unless_told(tiny_vlm, shape_images):
 def bf16_vlm(tmp_path_factory):
     """A saved tiny VLM in bfloat16 (lmms-eval's huggingface model always loads in bfloat16; `python -m eval` keeps
     the saved dtype), with spread weights and only whole words or the end of the turn allowed out, so that its
-    answers differ between questions and a wrong prompt, image or decoding shows."""
-    model, processor = tiny_vlm_and_processor()
+    answers differ between questions and a wrong prompt, image or decoding shows. Its chat template puts the image
+    after the question, as the demo's does: lmms-eval builds messages with the image first and must still ask the
+    way training did."""
+    model, processor = tiny_vlm_and_processor(image_after_text=True)
     torch.manual_seed(3)
     with torch.no_grad():
         for param in model.language_model.parameters():

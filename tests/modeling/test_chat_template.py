@@ -5,10 +5,9 @@ eval`, asks as training did), and that generation handles the image inside the p
 import torch
 from transformers import AutoProcessor
 
-from modeling.presets import build_vlm
 from modeling.processing_vlm import DEFAULT_CHAT_TEMPLATE, chatml_template
-from tests.conftest import tiny_qformer_and_processor
-from tests.helpers import TINY_CORPUS, TINY_LM, run_isolated
+from tests.conftest import tiny_vlm_and_processor
+from tests.helpers import run_isolated
 
 QUESTIONS = ["where is the small red circle? how many shapes are there?", "describe the image."]
 
@@ -19,10 +18,7 @@ def _messages(question: str) -> list[dict]:
 
 
 def _vlm(image_after_text: bool):
-    qformer, qformer_processor = tiny_qformer_and_processor()
-    torch.manual_seed(1)
-    return build_vlm(qformer, qformer_processor, corpus=TINY_CORPUS * 5, lm=TINY_LM, lm_vocab_size=400,
-                     image_after_text=image_after_text)
+    return tiny_vlm_and_processor(image_after_text=image_after_text)
 
 
 def test_the_image_goes_where_the_template_says():
