@@ -5,6 +5,7 @@ the language model gets a byte-level BPE tokenizer with ChatML tokens and the im
 tokenizer SmolLM and Qwen3 use. Both are `PreTrainedTokenizerFast`, so they save and load like any Hub tokenizer.
 """
 
+from collections import Counter
 from collections.abc import Iterable
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -16,16 +17,42 @@ CHAT_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>")
 
 
 def train_wordpiece_tokenizer(texts: Iterable[str], vocab_size: int = 1000) -> PreTrainedTokenizerFast:
-    """A lowercasing WordPiece tokenizer that wraps every text as `[CLS] ... [SEP]`, like BERT's."""
-    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tokenizer.decoder = decoders.WordPiece()
+    """A lowercasing WordPiece tokenizer that wraps every text as `[CLS] ... [SEP]`, like BERT's.
+
+    Its vocabulary: the special tokens, each character of the texts alone and as a `##` continuation (so that any
+    word can be spelled; the most frequent characters when not all fit), then whole words, most frequent first and
+    ties in alphabetical order, up to `vocab_size` entries. The same texts always give the same tokenizer.
+    `tokenizers`' own WordPieceTrainer does not: it numbers the `##` pieces in hash-map order, which changes from
+    run to run and with it the merges and the vocabulary (huggingface/tokenizers#1794, still open in 0.23), so two
+    runs of one seed started from different models.
+    """
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    words = Counter()
+    for text, n in Counter(texts).items():  # captions and questions repeat: split each distinct text once
+        for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)):
+            words[word] += n
+    chars = Counter()
+    for word, n in words.items():
+        for char in word:
+            chars[char] += n
+
+    def by_count(counts: Counter) -> list[str]:
+        return sorted(counts, key=lambda key: (-counts[key], key))
+
     special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tokenizer.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=special))
-    cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    alphabet = by_count(chars)[: (vocab_size - len(special)) // 2]
+    vocab = [*special, *alphabet, *(f"##{char}" for char in alphabet)]
+    known = set(vocab)
+    vocab += [word for word in by_count(words) if word not in known][: vocab_size - len(vocab)]
+
+    tokenizer = Tokenizer(models.WordPiece({token: i for i, token in enumerate(vocab)}, unk_token="[UNK]"))
+    tokenizer.normalizer = normalizer
+    tokenizer.pre_tokenizer = pre_tokenizer
+    tokenizer.decoder = decoders.WordPiece()
+    tokenizer.add_special_tokens(special)
     tokenizer.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
     )
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
