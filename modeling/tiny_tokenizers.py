@@ -28,9 +28,15 @@ def train_wordpiece_tokenizer(texts: Iterable[str], vocab_size: int = 1000) -> P
     """
     normalizer = normalizers.BertNormalizer(lowercase=True)
     pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    # Captions and questions repeat, and so do their words: split on whitespace in Python, then normalise and
+    # pre-tokenize each distinct piece once (one call per text took longer than the library's trainer).
+    pieces = Counter()
+    for text, n in Counter(texts).items():
+        for piece in text.split():
+            pieces[piece] += n
     words = Counter()
-    for text, n in Counter(texts).items():  # captions and questions repeat: split each distinct text once
-        for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)):
+    for piece, n in pieces.items():
+        for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(piece)):
             words[word] += n
     chars = Counter()
     for word, n in words.items():
