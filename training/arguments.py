@@ -277,6 +277,11 @@ class DataArguments:
         default=10_000,
         metadata={"help": "With streaming: sample references in each reader's shuffle buffer (1: file order)."},
     )
+    preprocessing_num_workers: int | None = field(
+        default=None,
+        metadata={"help": "Processes that read and clean the data before training (map-style data: once, then the "
+                          "datasets cache answers); the rows and their order are the same for any number."},
+    )
     feature_cache: str | None = field(
         default=None,
         metadata={"help": "Folder of precomputed frozen-vision features (python -m training.feature_cache); the "
@@ -285,7 +290,8 @@ class DataArguments:
 
     def __post_init__(self):
         check_at_least({"eval_size": self.eval_size, "max_train_samples": self.max_train_samples,
-                        "max_eval_samples": self.max_eval_samples}, 1)
+                        "max_eval_samples": self.max_eval_samples,
+                        "preprocessing_num_workers": self.preprocessing_num_workers}, 1)
         check_at_least({"max_caption_length": self.max_caption_length, "max_length": self.max_length}, 2)
         check_at_least({"hard_negatives": self.hard_negatives, "qa_turns": self.qa_turns}, 0)
         check_at_least({"shuffle_buffer_size": self.shuffle_buffer_size}, 1)

@@ -80,7 +80,8 @@ def load_splits(data_args: DataArguments, training_args: TrainingArguments) -> t
     """
     report = SkipReport()
     columns = {"image_column": data_args.image_column, "caption_column": data_args.caption_column,
-               "negative_captions_column": data_args.negative_captions_column}
+               "negative_captions_column": data_args.negative_captions_column,
+               "num_proc": data_args.preprocessing_num_workers}
     if data_args.streaming:
         train = ShardStream.from_source(
             data_args.train_data, seed=training_args.seed, buffer_size=data_args.shuffle_buffer_size,

@@ -226,6 +226,18 @@ def test_salted_shards_load_and_every_bad_sample_is_counted(salted_shards: list[
     assert grey[0] < 5 and 120 < grey[32] < 140 and grey[-1] > 250  # the 16-bit range scaled, not clipped to white
 
 
+def test_two_processes_read_the_same_rows_in_the_same_order(salted_shards: list[str], tmp_path: Path) -> None:
+    one_report, two_report = SkipReport(), SkipReport()
+    one = load_image_text_dataset(salted_shards, report=one_report, cache_dir=str(tmp_path / "one"))
+    two = load_image_text_dataset(salted_shards, report=two_report, cache_dir=str(tmp_path / "two"), num_proc=2)
+    assert _rows(two) == _rows(one)
+    assert two_report.to_dict() == one_report.to_dict()
+    # One cache for any number of processes: a one-process read finds the two-process result.
+    cached_report = SkipReport()
+    cached = load_image_text_dataset(salted_shards, report=cached_report, cache_dir=str(tmp_path / "two"))
+    assert cached.cache_files == two.cache_files and cached_report.to_dict() == one_report.to_dict()
+
+
 def test_long_captions_can_be_skipped_instead(salted_shards: list[str], tmp_path: Path) -> None:
     report = SkipReport()
     load_image_text_dataset(salted_shards, long_caption_policy="skip", report=report, cache_dir=str(tmp_path))
