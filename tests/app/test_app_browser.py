@@ -70,6 +70,8 @@ def trained(tmp_path_factory) -> Path:
     stage1 = stage1_args(
         out / "data", out / "qformer", vision_config={**SMALL_VISION, **LEARNABLE},
         qformer_config={**SMALL_QFORMER, **LEARNABLE_QFORMER}, itc_similarity="mean", max_steps=100,
+        # The captions the app ranks (the tiny config's stage 1 reads the "size colour shape" ones).
+        caption_column="caption", negative_captions_column="negative_captions",
         per_device_train_batch_size=16, warmup_steps=4, logging_steps=25, do_eval=False,
     )  # fmt: skip
     stage2 = stage2_args(
