@@ -39,11 +39,11 @@ def load_models(vlm: str, qformer: str | None = None) -> Models:
     """
     device = "cuda" if torch.cuda.is_available() else "cpu"
     models = Models(
-        vlm=load_pretrained(AutoModelForImageTextToText, vlm, "--model", VLM, trust_remote_code=True),
+        vlm=load_pretrained(AutoModelForImageTextToText, vlm, "--model", VLM, whole=True, trust_remote_code=True),
         processor=_processor(vlm, "--model"),
     )
     if qformer is not None:
-        models.qformer = load_pretrained(AutoModel, qformer, "--qformer", QFORMER, trust_remote_code=True)
+        models.qformer = load_pretrained(AutoModel, qformer, "--qformer", QFORMER, whole=True, trust_remote_code=True)
         models.qformer_processor = _processor(qformer, "--qformer")
     for model in (models.vlm, models.qformer):
         if model is not None:

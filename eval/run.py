@@ -22,7 +22,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, Aut
 from data.loading import load_image_text_dataset
 from data.shapes import Holdout, parse_caption, parse_holdout
 from modeling import QFormerConfig
-from modeling.model_folders import QFORMER_OR_VLM, check_model_source, hub_errors
+from modeling.model_folders import QFORMER_OR_VLM, check_model_source, hub_errors, load_whole_model
 
 from .captioning import caption_gallery, evaluate_captioning, reference_captions
 from .holdout import held_out_question_test, held_out_rows, recorded_holdouts
@@ -125,23 +125,24 @@ def evaluate_model(
     out_dir = Path(out_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model_name_or_path = check_model_source(model_name_or_path, "--model", QFORMER_OR_VLM)
-    rows = load_rows(
-        data, split, max_samples, image_column=image_column, caption_column=caption_column, id_column=id_column
-    )
-    texts = [reference_captions(row) for row in rows] if retrieval_texts == "references" else None
     # Read before the model loads, so a damaged generation.json is reported at once.
     holdouts = recorded_holdouts(data)
-    rules = [parse_holdout(text) for text in holdouts]
-    held_out = held_out_rows(rows, rules)
-    if held_out is None:
-        rules = []  # no split: no holdouts, or the rows are not of both kinds
-    subsets = {"held_out": held_out, "seen": [not flag for flag in held_out]} if held_out else None
+    # The model before the rows: a model that does not fit this code is reported before minutes of data.
     with hub_errors("--model", model_name_or_path):
         processor = AutoProcessor.from_pretrained(model_name_or_path, trust_remote_code=True)
         config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=True)
         is_qformer = config.model_type == QFormerConfig.model_type
         auto_class = AutoModel if is_qformer else AutoModelForImageTextToText
-        model = auto_class.from_pretrained(model_name_or_path, trust_remote_code=True).to(device)
+        model = load_whole_model(auto_class, model_name_or_path, "--model", trust_remote_code=True).to(device)
+    rows = load_rows(
+        data, split, max_samples, image_column=image_column, caption_column=caption_column, id_column=id_column
+    )
+    texts = [reference_captions(row) for row in rows] if retrieval_texts == "references" else None
+    rules = [parse_holdout(text) for text in holdouts]
+    held_out = held_out_rows(rows, rules)
+    if held_out is None:
+        rules = []  # no split: no holdouts, or the rows are not of both kinds
+    subsets = {"held_out": held_out, "seen": [not flag for flag in held_out]} if held_out else None
     model_type = config.model_type
     logger.info("evaluating %s (%s) on %d samples of %s", model_name_or_path, model_type, len(rows), data)
     metrics: dict = {"meta": {"model": str(model_name_or_path), "data": f"{data}" + (f" [{split}]" if split else ""),

@@ -9,6 +9,7 @@ imports it).
 """
 
 import json
+import logging
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -161,15 +162,52 @@ def hub_errors(option: str, name: str):
         raise UserError(f"{option} {name}: could not be loaded ({one_line(err)[:300]}){advice}") from err
 
 
-def load_pretrained(auto_class, name_or_path: str | os.PathLike, option: str, kind: ModelKind, **kwargs):
+def load_pretrained(auto_class, name_or_path: str | os.PathLike, option: str, kind: ModelKind, *, whole: bool = False,
+                    **kwargs):
     """`auto_class.from_pretrained(name_or_path, **kwargs)` after `check_model_source`, with Hub failures
-    reported as `UserError`."""
+    reported as `UserError`. `whole` (a model class, for evaluation and serving): see `load_whole_model`."""
     source = check_model_source(name_or_path, option, kind)
     with hub_errors(option, source):
+        if whole:
+            return load_whole_model(auto_class, source, option, **kwargs)
         return auto_class.from_pretrained(source, **kwargs)
+
+
+def _no_load_report(record: logging.LogRecord) -> bool:
+    return "LOAD REPORT" not in record.getMessage()
+
+
+def load_whole_model(auto_class, source: str, option: str, **kwargs):
+    """`auto_class.from_pretrained(source, **kwargs)`, raising `UserError` unless every weight of the folder finds
+    its parameter and every parameter its weight, at its shape.
+
+    The model classes this checkout defines win over the code saved beside the weights, so a model saved by other
+    code (a branch, an older or newer version) would otherwise run with weights dropped, or drawn at random, after
+    one warning among the logs, and its scores would describe another model.
+    """
+    # transformers logs the same facts as a warning table; here they are an error, said once. (A filter, not a
+    # higher level: at WARNING or above, transformers also lists every layer that tensor parallelism left alone.)
+    report = logging.getLogger("transformers.modeling_utils")
+    report.addFilter(_no_load_report)
+    try:
+        model, info = auto_class.from_pretrained(source, output_loading_info=True, **kwargs)
+    finally:
+        report.removeFilter(_no_load_report)
+    problems = []
+    for kind in ("unexpected", "missing", "mismatched"):
+        keys = sorted(str(key[0] if isinstance(key, tuple) else key) for key in info.get(f"{kind}_keys") or ())
+        if keys:
+            more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+            problems.append(f"{kind}: {', '.join(keys[:3])}{more}")
+    if problems:
+        raise UserError(
+            f"{option} {source}: its weights do not fit this checkout's {type(model).__name__} ({'; '.join(problems)}):"
+            " it was saved by other model code; load it with the code that trained it"
+        )
+    return model
 
 
 __all__ = [
     "BERT_TEXT_ENCODER", "CAUSAL_LM", "ModelKind", "QFORMER", "QFORMER_OR_VLM", "VISION_ENCODER", "VLM",
-    "check_model_source", "check_weights", "hub_errors", "load_pretrained",
+    "check_model_source", "check_weights", "hub_errors", "load_pretrained", "load_whole_model",
 ]

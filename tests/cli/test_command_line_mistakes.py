@@ -19,6 +19,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from data.synthetic import generate_dataset
@@ -28,8 +29,8 @@ from tests.helpers import REPO
 STAGE1, STAGE2 = "configs/tiny/stage1.yaml", "configs/tiny/stage2.yaml"
 PROGRESS_BAR = re.compile(r"\d+%\|.*\| \d+/\d+ ")
 # What `_world` makes, by name.
-WORLD = ("shapes", "qformer", "vlm", "llama", "truncated", "no_weights", "empty", "garbage.parquet", "captions", "run",
-         "syntax.yaml", "types.yaml", "unknown.yaml")
+WORLD = ("shapes", "qformer", "vlm", "llama", "truncated", "no_weights", "foreign", "empty", "garbage.parquet",
+         "captions", "run", "syntax.yaml", "types.yaml", "unknown.yaml")
 
 
 def _world(root: Path) -> dict[str, str]:
@@ -49,6 +50,11 @@ def _world(root: Path) -> dict[str, str]:
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     shutil.copytree(root / "qformer", root / "no_weights")
     (root / "no_weights" / "model.safetensors").unlink()
+    # A VLM saved by other model code: one weight this checkout's classes have no parameter for.
+    shutil.copytree(root / "vlm", root / "foreign")
+    weights = load_file(root / "foreign" / "model.safetensors")
+    save_file({**weights, "adapter.query_bias": torch.zeros(4)}, root / "foreign" / "model.safetensors",
+              metadata={"format": "pt"})
     (root / "empty").mkdir()
     (root / "garbage.parquet").write_bytes(os.urandom(2048))
     # Captions only: no counterfactual captions, no question-answer pairs (the imagefolder convention).
@@ -122,6 +128,9 @@ def _cases(w: dict[str, str], out: str) -> dict[str, tuple[list[str], list[str]]
                                              ["qa_turns: 5", "qa_turns: 0"]),
         "eval model typo": ([*evaluate, "--model", w["vlm"] + "2", "--data", w["shapes"]],
                             ["--model", "no such file or folder", f"did you mean {w['vlm']}"]),
+        "eval a model saved by other code": ([*evaluate, "--model", w["foreign"], "--data", w["shapes"], "--split",
+                                              "validation"],
+                                             [w["foreign"], "unexpected: adapter.query_bias", "other model code"]),
         "eval another architecture": ([*evaluate, "--model", w["llama"], "--data", w["shapes"]], ["'llama' model"]),
         "eval empty data": ([*evaluate, "--model", w["qformer"], "--data", w["empty"]], [w["empty"], "is empty"]),
         "eval zero samples": ([*evaluate, "--model", w["qformer"], "--data", w["shapes"], "--max-samples", "0"],
