@@ -179,7 +179,8 @@ def _no_load_report(record: logging.LogRecord) -> bool:
 
 def load_whole_model(auto_class, source: str, option: str, **kwargs):
     """`auto_class.from_pretrained(source, **kwargs)`, raising `UserError` unless every weight of the folder finds
-    its parameter and every parameter its weight, at its shape.
+    its parameter and every parameter its weight (a weight of another shape already stops transformers' loading,
+    unless `ignore_mismatched_sizes` is passed; then it is refused here too).
 
     The model classes this checkout defines win over the code saved beside the weights, so a model saved by other
     code (a branch, an older or newer version) would otherwise run with weights dropped, or drawn at random, after
