@@ -49,6 +49,11 @@ class QFormerConfig(PreTrainedConfig):
             query `r` cross-attends only to the patch tokens of region `r` (row-major; never to a class token), so
             each of them describes one part of the image apart from the others; the remaining queries read
             everything. 0: every query reads everything (BLIP-2). The grid side must be a multiple of `g`.
+        isolate_regional_queries (`bool`, defaults to `False`):
+            With `regional_queries`: a regional query attends to no other query in self-attention either, so its
+            output depends on its own region only, and it is not compared with captions (it cannot match a caption
+            of the whole image): the other queries read every query and the whole image, and are. Without it, the
+            queries' self-attention mixes the regions: a region's token also carries its neighbours' contents.
         initializer_range (`float`, defaults to 0.02):
             Standard deviation of the normal initialisation of the queries and the heads.
     """
@@ -79,6 +84,7 @@ class QFormerConfig(PreTrainedConfig):
     itm_weight: float = 0.0
     vision_position_codes: bool = False
     regional_queries: int = 0
+    isolate_regional_queries: bool = False
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):
@@ -91,6 +97,10 @@ class QFormerConfig(PreTrainedConfig):
         if not 0 <= self.regional_queries**2 <= self.num_query_tokens:
             raise ValueError(f"regional_queries {self.regional_queries} needs {self.regional_queries**2} of the "
                              f"num_query_tokens ({self.num_query_tokens}); lower it or add queries")
+        if self.isolate_regional_queries and not 0 < self.regional_queries**2 < self.num_query_tokens:
+            raise ValueError("isolate_regional_queries needs regional_queries and at least one other query to compare "
+                             f"with captions, got regional_queries {self.regional_queries} of num_query_tokens "
+                             f"{self.num_query_tokens}; set isolate_regional_queries false or add queries")
         if self.temperature <= 0 or self.itm_weight < 0:
             raise ValueError(f"temperature must be above 0 and itm_weight at least 0, got {self.temperature}, "
                              f"{self.itm_weight}")

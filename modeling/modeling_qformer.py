@@ -346,10 +346,32 @@ class QFormerModel(QFormerPreTrainedModel):
                              device=vision_features.device)
         visible[: g * g] = False
         visible[: g * g, prefix:] = region[None, :] == torch.arange(g * g, device=region.device)[:, None]
+        return self._as_attention_mask(visible[None, None], vision_features)
+
+    def _query_self_attention_mask(self, like: torch.Tensor, text_mask: torch.Tensor | None = None
+                                   ) -> torch.Tensor | None:
+        """Which of the queries (and the text tokens after them, `text_mask` `(B, T)`, 0 at padding) each query and
+        text token may attend to in self-attention: `(B or 1, 1, Q + T, Q + T)`. With
+        `config.isolate_regional_queries` a regional query sees itself and the text only; None when that is off."""
+        g = self.config.regional_queries
+        if not (g and self.config.isolate_regional_queries):
+            return None
+        q, t = self.config.num_query_tokens, 0 if text_mask is None else text_mask.shape[1]
+        visible = torch.ones(q + t, q + t, dtype=torch.bool, device=like.device)
+        visible[: g * g, :q] = torch.eye(g * g, q, dtype=torch.bool, device=like.device)
+        visible = visible[None, None]
+        if text_mask is not None:
+            padding = torch.cat([text_mask.new_ones(text_mask.shape[0], q), text_mask], dim=1).bool()
+            visible = visible & padding[:, None, None, :]
+        return self._as_attention_mask(visible, like)
+
+    def _as_attention_mask(self, visible: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """A 4-D boolean visibility `(B or 1, 1, rows, columns)` as the Q-Former's attention kernels take it:
+        boolean for sdpa, additive (0 or the dtype's minimum) for eager."""
         if self.query_transformer.config._attn_implementation == "eager":
-            return torch.zeros(visible.shape, dtype=vision_features.dtype, device=visible.device).masked_fill(
-                ~visible, torch.finfo(vision_features.dtype).min)[None, None]
-        return visible[None, None]
+            return torch.zeros(visible.shape, dtype=like.dtype, device=visible.device).masked_fill(
+                ~visible, torch.finfo(like.dtype).min)
+        return visible
 
     def get_query_outputs(
         self, pixel_values: torch.Tensor | None = None, vision_features: torch.Tensor | None = None
@@ -367,6 +389,7 @@ class QFormerModel(QFormerPreTrainedModel):
         return self.query_transformer(
             query_embeds=queries,
             query_length=queries.shape[1],
+            attention_mask=self._query_self_attention_mask(vision_features),
             encoder_hidden_states=vision_features,
             encoder_attention_mask=self._cross_attention_mask(vision_features),
         ).last_hidden_state
@@ -375,7 +398,14 @@ class QFormerModel(QFormerPreTrainedModel):
         self, pixel_values: torch.Tensor | None = None, vision_features: torch.Tensor | None = None
     ) -> torch.Tensor:
         """L2-normalised per-query image embeddings, `(B, num_query_tokens, embed_dim)`."""
-        return F.normalize(self.vision_projection(self.get_query_outputs(pixel_values, vision_features)), dim=-1)
+        return self._image_embeds(self.get_query_outputs(pixel_values, vision_features))
+
+    def _image_embeds(self, query_output: torch.Tensor) -> torch.Tensor:
+        """The queries compared with captions, projected and L2-normalised. Isolated regional queries are left out:
+        each has read one region only and cannot match a caption of the whole image."""
+        if self.config.isolate_regional_queries:
+            query_output = query_output[:, self.config.regional_queries**2:]
+        return F.normalize(self.vision_projection(query_output), dim=-1)
 
     def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Text-only pass through the Q-Former's self-attention layers: `(B, T)` -> `(B, T, hidden_size)`."""
@@ -407,7 +437,9 @@ class QFormerModel(QFormerPreTrainedModel):
         queries = self.query_tokens.expand(batch, -1, -1)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        mask = torch.cat([attention_mask.new_ones(batch, num_queries), attention_mask], dim=1)
+        mask = self._query_self_attention_mask(vision_features, attention_mask)
+        if mask is None:
+            mask = torch.cat([attention_mask.new_ones(batch, num_queries), attention_mask], dim=1)
         hidden = self.query_transformer(
             query_embeds=self.embeddings(input_ids=input_ids, query_embeds=queries),
             query_length=num_queries,
@@ -454,7 +486,7 @@ class QFormerModel(QFormerPreTrainedModel):
         if has_image and vision_features is None:
             vision_features = self.get_vision_features(pixel_values)
         query_output = self.get_query_outputs(vision_features=vision_features) if has_image else None
-        image_embeds = F.normalize(self.vision_projection(query_output), dim=-1) if has_image else None
+        image_embeds = self._image_embeds(query_output) if has_image else None
         text_embeds = self.get_text_embeds(input_ids, attention_mask) if input_ids is not None else None
 
         loss = logits_per_image = logits_per_text = None

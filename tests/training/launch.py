@@ -43,8 +43,9 @@ def stage1_args(data: Path, output_dir: Path, **overrides) -> list[str]:
     fields = {
         "train_data": data, "eval_data": data, "output_dir": output_dir,
         "vision_config": SMALL_VISION, "qformer_config": SMALL_QFORMER,
-        # 4 queries on a 4x4 patch grid: the preset's 3x3 regional queries do not fit the small model.
-        "num_query_tokens": 4, "regional_queries": 0, "embed_dim": 32, "text_vocab_size": 300,
+        # 4 queries on a 4x4 patch grid: the preset's 3x3 regional queries (isolated) do not fit the small model.
+        "num_query_tokens": 4, "regional_queries": 0, "isolate_regional_queries": False, "embed_dim": 32,
+        "text_vocab_size": 300,
         "per_device_train_batch_size": 16, "per_device_eval_batch_size": 32, "max_eval_samples": 64,
         "learning_rate": 1e-3, "warmup_steps": 2, "logging_steps": 1, "disable_tqdm": True,
         **overrides,

@@ -30,8 +30,8 @@ def shards(tmp_path_factory):
 
 def stage1(shards, out, **overrides) -> list[str]:
     fields = {"train_data": shards, "eval_data": shards, "output_dir": out, "vision_config": VISION,
-              "qformer_config": QFORMER, "num_query_tokens": 4, "regional_queries": 0, "embed_dim": 32,
-              "text_vocab_size": 300,
+              "qformer_config": QFORMER, "num_query_tokens": 4, "regional_queries": 0,
+              "isolate_regional_queries": False, "embed_dim": 32, "text_vocab_size": 300,
               "freeze_vision": True, "hard_negatives": 0, "per_device_train_batch_size": 8,
               "per_device_eval_batch_size": 8, "max_eval_samples": 8, "max_steps": 2, "warmup_steps": 0,
               "logging_steps": 1, "disable_tqdm": True, **overrides}
