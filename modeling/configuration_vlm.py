@@ -28,6 +28,11 @@ class VLMConfig(PreTrainedConfig):
         label_logits_only (`bool`, defaults to `True`):
             When labels are given, run the LM head only at positions that carry a label (answer tokens), instead
             of over the whole sequence and vocabulary. Same loss, far less work and memory.
+        region_token_ids (`list[list[int]]`, *optional*):
+            For each regional query of the Q-Former (`qformer_config.regional_queries` squared, in reading order),
+            the language model's token ids of its region's name ("top left", ...). The mean of their input
+            embeddings is added to that query's visual token, so that a prompt naming a place finds its token by
+            the same words, and an answer naming a place can copy them. Built from names by `build_vlm`.
         initializer_range (`float`, defaults to 0.02):
             Standard deviation of the normal initialisation of the adapter.
     """
@@ -44,6 +49,7 @@ class VLMConfig(PreTrainedConfig):
     adapter_hidden_size: int | None = None
     adapter_act: str = "gelu"
     label_logits_only: bool = True
+    region_token_ids: list[list[int]] | None = None
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):
@@ -52,6 +58,11 @@ class VLMConfig(PreTrainedConfig):
             raise ValueError(f"adapter_hidden_size must be at least 1, got {self.adapter_hidden_size}")
         if self.adapter_hidden_size is None:
             self.adapter_hidden_size = self.text_config.hidden_size
+        if self.region_token_ids is not None:
+            regions = self.qformer_config.regional_queries ** 2
+            if len(self.region_token_ids) != regions or not all(self.region_token_ids):
+                raise ValueError(f"region_token_ids must give a non-empty list of token ids for each of the Q-Former's "
+                                 f"{regions} regional queries, got {len(self.region_token_ids)} lists")
 
     @property
     def vision_config(self) -> PreTrainedConfig:

@@ -161,7 +161,17 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
         `vision_features` (`(B, num_patches, vision_hidden)`, from a feature cache of the frozen encoder) replace
         `pixel_values`.
         """
-        return self.adapter(self.qformer.get_query_outputs(pixel_values, vision_features))
+        features = self.adapter(self.qformer.get_query_outputs(pixel_values, vision_features))
+        if self.config.region_token_ids is None:
+            return features
+        names = self._region_name_embeddings().to(features.dtype)
+        return torch.cat([features[:, : len(names)] + names, features[:, len(names) :]], dim=1)
+
+    def _region_name_embeddings(self) -> torch.Tensor:
+        """`(regions, lm_hidden_size)`: the mean input embedding of each region's name (`config.region_token_ids`)."""
+        embeddings = self.get_input_embeddings()
+        return torch.stack([embeddings(torch.tensor(ids, device=embeddings.weight.device)).mean(dim=0)
+                            for ids in self.config.region_token_ids])
 
     def _merge_image_features(self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, image_features: torch.Tensor):
         """Writes `image_features` `(B, Q, H)` at the image-token positions of `inputs_embeds` `(B, T, H)`.

@@ -163,7 +163,7 @@ class QFormerModelArguments:
         _validate_config(self, TINY_SETTINGS if tiny else None)
 
 
-@with_config_fields(VLMConfig, exclude=("qformer_config", "text_config", "image_token_id"))
+@with_config_fields(VLMConfig, exclude=("qformer_config", "text_config", "image_token_id", "region_token_ids"))
 @dataclass
 class VLMModelArguments:
     """How to assemble the stage-2 model: a stage-1 Q-Former, an adapter and a language model (with LoRA)."""
@@ -203,6 +203,13 @@ class VLMModelArguments:
         metadata={"help": "Chat template of a new processor: the image after the user's text in a message, so that "
                           "the visual tokens can attend to the question (a saved VLM keeps its own template)."},
     )
+    region_names: str | None = field(
+        default=None,
+        metadata={"help": "A new VLM whose Q-Former has regional queries: one name per region, comma-separated, in "
+                          "reading order (e.g. 'top left,top center,...,bottom right'); the language model's embedding "
+                          "of each name is added to its region's visual token (VLMConfig.region_token_ids). An empty "
+                          "string turns a YAML file's names off."},
+    )
     attn_implementation: Literal["sdpa", "eager"] | None = attn_implementation_field()
 
     def __post_init__(self):
@@ -211,11 +218,10 @@ class VLMModelArguments:
             raise UserError(
                 "stage 2 needs --qformer_name_or_path (the stage-1 output folder) or --model_name_or_path (a saved VLM)"
             )
-        if self.model_name_or_path and self.image_after_text:
-            raise UserError(
-                "image_after_text chooses the chat template of a new VLM; a saved VLM (--model_name_or_path) keeps "
-                "its own: leave image_after_text out"
-            )
+        for name in ("image_after_text", "region_names"):
+            if self.model_name_or_path and getattr(self, name):
+                raise UserError(f"{name} is for a new VLM; a saved VLM (--model_name_or_path) keeps its own: leave "
+                                f"{name} out")
         check_at_least({"lm_vocab_size": self.lm_vocab_size}, 50)
         check_at_least({"lora_r": self.lora_r, "lora_alpha": self.lora_alpha}, 1)
         check_at_least({"qformer_learning_rate": self.qformer_learning_rate, "lora_dropout": self.lora_dropout}, 0)

@@ -74,7 +74,8 @@ def _cases(w: dict[str, str], out: str) -> dict[str, tuple[list[str], list[str]]
     """`{case: (command after python -m, words the error line must hold)}`."""
     data = ["--train_data", w["shapes"], "--eval_data", w["shapes"], "--output_dir", f"{out}/o"]
     q, v = ["-m", "training.train_qformer"], ["-m", "training.train_vlm"]
-    v_args = [STAGE2, *data, "--qformer_name_or_path", w["qformer"]]
+    # The small Q-Former has no regional queries for the YAML's region names.
+    v_args = [STAGE2, *data, "--qformer_name_or_path", w["qformer"], "--region_names", ""]
     evaluate = ["-m", "eval", "--out", f"{out}/e"]
     return {
         "missing config file": ([*q, "configs/tiny/stage9.yaml"], ["configs/tiny/stage9.yaml", "not found"]),
@@ -122,6 +123,10 @@ def _cases(w: dict[str, str], out: str) -> dict[str, tuple[list[str], list[str]]
                               [f"{w['truncated']}/model.safetensors", "truncated or corrupt"]),
         "missing weights": ([*v, *v_args, "--qformer_name_or_path", w["no_weights"]],
                             [f"{w['no_weights']}/model.safetensors", "missing"]),
+        "region names that do not fit the Q-Former": ([*v, *v_args, "--region_names", "top,bottom"],
+                                                      ["region_names gives 2 names", "0 regional queries"]),
+        "region names for a saved VLM": ([*v, *v_args, "--model_name_or_path", w["vlm"], "--region_names", "top"],
+                                         ["region_names is for a new VLM", "leave region_names out"]),
         "decay longer than the run": ([*v, *v_args, "--max_steps", "100", "--lr_scheduler_type", "warmup_stable_decay",
                                        "--lr_scheduler_kwargs", '{"num_decay_steps": 200}'],
                                       ["num_decay_steps 200", "max_steps 100", "at most 70"]),

@@ -40,9 +40,9 @@ def stage1(shards, out, **overrides) -> list[str]:
 
 def stage2(shards, qformer, out, **overrides) -> list[str]:
     fields = {"train_data": shards, "eval_data": shards, "output_dir": out, "qformer_name_or_path": qformer,
-              "lm_config": LM, "lm_vocab_size": 300, "qa_turns": 1, "per_device_train_batch_size": 8,
-              "per_device_eval_batch_size": 8, "max_eval_samples": 4, "max_steps": 2, "warmup_steps": 0,
-              "logging_steps": 1, "disable_tqdm": True, **overrides}
+              "lm_config": LM, "lm_vocab_size": 300, "qa_turns": 1, "region_names": "",
+              "per_device_train_batch_size": 8, "per_device_eval_batch_size": 8, "max_eval_samples": 4,
+              "max_steps": 2, "warmup_steps": 0, "logging_steps": 1, "disable_tqdm": True, **overrides}
     return [str(REPO / "configs/tiny/stage2.yaml"), *as_cli(fields)]
 
 
