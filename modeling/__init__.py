@@ -11,7 +11,7 @@ from .configuration_qformer import QFormerConfig
 from .configuration_vlm import VLMConfig
 from .lora import add_lora
 from .modeling_qformer import QFormerModel, QFormerModelOutput
-from .modeling_vlm import VLMCausalLMOutputWithPast, VLMForConditionalGeneration
+from .modeling_vlm import VLMCausalLMOutputWithPast, VLMForConditionalGeneration, VLMModel
 from .processing_vlm import VLMProcessor
 
 AutoConfig.register(QFormerConfig.model_type, QFormerConfig, exist_ok=True)
@@ -34,6 +34,7 @@ __all__ = [
     "VLMCausalLMOutputWithPast",
     "VLMConfig",
     "VLMForConditionalGeneration",
+    "VLMModel",
     "VLMProcessor",
     "add_lora",
 ]

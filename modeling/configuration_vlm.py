@@ -35,6 +35,9 @@ class VLMConfig(PreTrainedConfig):
             the same words, and an answer naming a place can copy them. Built from names by `build_vlm`.
         initializer_range (`float`, defaults to 0.02):
             Standard deviation of the normal initialisation of the adapter.
+        tie_word_embeddings (`bool`, *optional*):
+            Whether `lm_head` shares the language model's input embeddings; defaults to the language model's own
+            setting (`text_config.tie_word_embeddings`), as the LM was trained.
     """
 
     model_type = "qformer_vlm"
@@ -51,11 +54,14 @@ class VLMConfig(PreTrainedConfig):
     label_logits_only: bool = True
     region_token_ids: list[list[int]] | None = None
     initializer_range: float = 0.02
+    tie_word_embeddings: bool | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         if self.adapter_hidden_size is not None and self.adapter_hidden_size < 1:
             raise ValueError(f"adapter_hidden_size must be at least 1, got {self.adapter_hidden_size}")
+        if self.tie_word_embeddings is None:
+            self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))
         if self.adapter_hidden_size is None:
             self.adapter_hidden_size = self.text_config.hidden_size
         if self.region_token_ids is not None:

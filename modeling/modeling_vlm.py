@@ -1,8 +1,12 @@
 """Stage-2 vision-language model: vision encoder -> Q-Former -> 2-layer MLP adapter -> causal language model.
 
-The adapter's outputs replace the embeddings of the image placeholder tokens in the prompt (one visual token per
-query), and the language model does the rest. Self-contained apart from sibling relative imports, so that
-`save_pretrained` ships it with the weights.
+The layout is transformers 5's for vision-language models (as `LlavaModel` / `LlavaForConditionalGeneration`):
+`VLMModel` holds the vision side, the adapter and the language model's decoder and returns hidden states;
+`VLMForConditionalGeneration` adds `lm_head`. Trainers built for transformers' VLMs (TRL's `SFTTrainer` runs
+`model.model` and projects with `lm_head` itself) train it unchanged. Each image of a batch, from any row, gives
+`num_query_tokens` visual tokens that replace, in order, the image placeholder tokens of the prompts: a row may hold
+several images or none. Self-contained apart from sibling relative imports, so that `save_pretrained` ships it with
+the weights.
 """
 
 from dataclasses import dataclass
@@ -10,16 +14,47 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
-from transformers.modeling_outputs import ModelOutput
+from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+from transformers.core_model_loading import WeightRenaming
+from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
 from transformers.utils import logging
 
 from .configuration_vlm import VLMConfig
 from .modeling_qformer import QFormerModel, own_class, ship_code_with_weights
 
 logger = logging.get_logger(__name__)
+
+# Folders saved before this layout (the whole causal LM under `language_model`, no `model.` level) load into it:
+# transformers renames their weights while loading. Registered on import, so the code shipped with a folder
+# registers it too in a process that loads it with trust_remote_code.
+register_checkpoint_conversion_mapping(
+    VLMConfig.model_type,
+    [
+        WeightRenaming(source_patterns=r"^language_model\.lm_head\.", target_patterns="lm_head."),
+        WeightRenaming(source_patterns=r"^language_model\.model\.", target_patterns="model.language_model."),
+        WeightRenaming(source_patterns=r"^qformer\.", target_patterns="model.qformer."),
+        WeightRenaming(source_patterns=r"^adapter\.", target_patterns="model.adapter."),
+    ],
+    overwrite=True,
+)
+
+
+@dataclass
+class VLMModelOutputWithPast(BaseModelOutputWithPast):
+    r"""
+    Output of [`VLMModel`]: the language model's outputs, and the visual tokens that were placed in its input.
+
+    Args:
+        last_hidden_state (`torch.FloatTensor` of shape `(batch_size, sequence_length, lm_hidden_size)`):
+            The decoder's last hidden states.
+        image_features (`torch.FloatTensor` of shape `(num_images, num_query_tokens, lm_hidden_size)`, *optional*):
+            The adapter's outputs placed at the image-token positions.
+    """
+
+    image_features: torch.FloatTensor | None = None
 
 
 @dataclass
@@ -37,7 +72,7 @@ class VLMCausalLMOutputWithPast(ModelOutput):
             The language model's key/value cache, for generation.
         hidden_states (`tuple(torch.FloatTensor)`, *optional*):
             The language model's hidden states, when asked for.
-        image_features (`torch.FloatTensor` of shape `(batch_size, num_query_tokens, lm_hidden_size)`, *optional*):
+        image_features (`torch.FloatTensor` of shape `(num_images, num_query_tokens, lm_hidden_size)`, *optional*):
             The adapter's outputs placed at the image-token positions.
     """
 
@@ -50,7 +85,7 @@ class VLMCausalLMOutputWithPast(ModelOutput):
 
 
 class VLMAdapter(nn.Module):
-    """2-layer MLP from the Q-Former's width to the language model's embedding width: `(B, Q, Hq)` -> `(B, Q, Hlm)`."""
+    """2-layer MLP from the Q-Former's width to the language model's embedding width: `(N, Q, Hq)` -> `(N, Q, Hlm)`."""
 
     def __init__(self, config: VLMConfig):
         super().__init__()
@@ -65,7 +100,7 @@ class VLMAdapter(nn.Module):
 class VLMPreTrainedModel(PreTrainedModel):
     config: VLMConfig
     config_class = VLMConfig
-    base_model_prefix = "vlm"
+    base_model_prefix = "model"
     main_input_name = "input_ids"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
@@ -74,10 +109,136 @@ class VLMPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["Blip2QFormerLayer", "ViTLayer", "LlamaDecoderLayer", "Qwen3DecoderLayer"]
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        # pipeline("image-text-to-text") resolves AutoModelForImageTextToText; plain loaders use AutoModel.
+        # pipeline("image-text-to-text") resolves AutoModelForImageTextToText; plain loaders use AutoModel. The
+        # weights are written in this layout: transformers would otherwise write them back in the old one, the
+        # source of the renaming registered above.
+        kwargs.setdefault("save_original_format", False)
         with own_class(self):
             ship_code_with_weights(self, ("AutoModelForImageTextToText", "AutoModel"))
             return super().save_pretrained(save_directory, *args, **kwargs)
+
+
+class VLMModel(VLMPreTrainedModel):
+    """The vision encoder, Q-Former and adapter, and the language model's decoder (no LM head): hidden states."""
+
+    def __init__(self, config: VLMConfig):
+        super().__init__(config)
+        self.qformer = QFormerModel(config.qformer_config)
+        self.adapter = VLMAdapter(config)
+        self.language_model = AutoModel.from_config(config.text_config)
+        self.post_init()
+        if config.qformer_config.freeze_vision:
+            self.qformer.vision_model.requires_grad_(False)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module):
+        self.language_model.set_input_embeddings(value)
+
+    def get_image_features(
+        self, pixel_values: torch.Tensor | None = None, vision_features: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Visual tokens in the LM's embedding space: `(N, 3, H, W)` -> `(N, num_query_tokens, lm_hidden_size)`.
+
+        `vision_features` (`(N, num_patches, vision_hidden)`, from a feature cache of the frozen encoder) replace
+        `pixel_values`.
+        """
+        features = self.adapter(self.qformer.get_query_outputs(pixel_values, vision_features))
+        if self.config.region_token_ids is None:
+            return features
+        names = self._region_name_embeddings().to(features.dtype)
+        return torch.cat([features[:, : len(names)] + names, features[:, len(names) :]], dim=1)
+
+    def _region_name_embeddings(self) -> torch.Tensor:
+        """`(regions, lm_hidden_size)`: the mean input embedding of each region's name (`config.region_token_ids`)."""
+        embeddings = self.get_input_embeddings()
+        return torch.stack([embeddings(torch.tensor(ids, device=embeddings.weight.device)).mean(dim=0)
+                            for ids in self.config.region_token_ids])
+
+    def merge_image_features(
+        self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, image_features: torch.Tensor
+    ) -> torch.Tensor:
+        """Writes the images' visual tokens `(N, Q, H)` at the image-token positions of `inputs_embeds` `(B, T, H)`:
+        image 0 at the first `Q` image tokens of the batch (row by row, left to right), image 1 at the next `Q`."""
+        image_mask = input_ids == self.config.image_token_id
+        images, queries = image_features.shape[:2]
+        if int(image_mask.sum()) != images * queries:
+            raise ValueError(
+                f"the prompts hold {image_mask.sum(dim=1).tolist()} image tokens per row but the {images} images give "
+                f"{queries} visual tokens each; build prompts with the processor, which expands each image "
+                "placeholder into num_query_tokens image tokens, and pass one image per placeholder"
+            )
+        return inputs_embeds.masked_scatter(
+            image_mask.unsqueeze(-1), image_features.reshape(-1, image_features.shape[-1]).to(inputs_embeds.dtype)
+        )
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        vision_features: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> VLMModelOutputWithPast:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
+                Prompt tokens; each image contributes `num_query_tokens` consecutive `image_token_id` tokens.
+            pixel_values (`torch.FloatTensor` of shape `(num_images, 3, height, width)`, *optional*):
+                Every image of the batch, in the order of their placeholders (row by row); a text-only batch has
+                none. Only the first (prefill) step of generation receives them.
+            attention_mask (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+                1 for tokens, 0 for padding. Or a boolean `(batch_size, 1, sequence_length, sequence_length)` mask,
+                True where a token may attend (the collator's `separate_turns` batches), used with `position_ids`.
+            vision_features (`torch.FloatTensor` of shape `(num_images, num_patches, vision_hidden)`, *optional*):
+                Precomputed outputs of the frozen vision encoder, used instead of `pixel_values`.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        image_features = None
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+            has_images = (pixel_values is not None and len(pixel_values)) or (
+                vision_features is not None and len(vision_features))
+            if has_images:
+                image_features = self.get_image_features(pixel_values, vision_features)
+                inputs_embeds = self.merge_image_features(input_ids, inputs_embeds, image_features)
+            elif (input_ids == self.config.image_token_id).any():
+                raise ValueError("the prompts hold image tokens but no pixel_values or vision_features were given")
+        if attention_mask is not None and attention_mask.dim() == 4:
+            attention_mask = self._custom_mask(attention_mask, inputs_embeds.dtype)
+        outputs = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        return VLMModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_features=image_features,
+        )
+
+    def _custom_mask(self, visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """A boolean `(B, 1, T, T)` mask in the form the LM's attention takes a prepared mask: as it is for SDPA and
+        flex attention, additive (0 or the dtype's minimum) for eager attention."""
+        implementation = self.language_model.config._attn_implementation
+        if implementation in ("sdpa", "flex_attention"):
+            return visible
+        if implementation == "eager":
+            return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill(
+                ~visible, torch.finfo(dtype).min)
+        raise ValueError(f"a (B, 1, T, T) attention mask (separate_turns) needs sdpa or eager attention, not "
+                         f"{implementation!r}; load the model with attn_implementation='sdpa'")
 
 
 class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
@@ -93,14 +254,26 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
         >>> processor.batch_decode(model.generate(**inputs, max_new_tokens=30)[:, inputs["input_ids"].shape[1]:])
     """
 
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+
     def __init__(self, config: VLMConfig):
         super().__init__(config)
-        self.qformer = QFormerModel(config.qformer_config)
-        self.adapter = VLMAdapter(config)
-        self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        self.model = VLMModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
-        if config.qformer_config.freeze_vision:
-            self.qformer.vision_model.requires_grad_(False)
+
+    # The parts, by the names the rest of the project (and users of the previous layout) reach them by.
+    @property
+    def qformer(self) -> QFormerModel:
+        return self.model.qformer
+
+    @property
+    def adapter(self) -> VLMAdapter:
+        return self.model.adapter
+
+    @property
+    def language_model(self) -> PreTrainedModel:
+        return self.model.language_model
 
     @classmethod
     def from_qformer_and_lm(
@@ -135,63 +308,31 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
         )
         model = cls(config)
         model.qformer.load_state_dict(qformer.state_dict())
-        model.language_model.load_state_dict(language_model.state_dict())
+        model.language_model.load_state_dict(language_model.get_decoder().state_dict())
+        model.lm_head.load_state_dict(language_model.get_output_embeddings().state_dict())
+        model.tie_weights()
         return model
 
     def get_input_embeddings(self) -> nn.Module:
-        return self.language_model.get_input_embeddings()
+        return self.model.get_input_embeddings()
 
     def set_input_embeddings(self, value: nn.Module):
-        self.language_model.set_input_embeddings(value)
+        self.model.set_input_embeddings(value)
 
     def get_output_embeddings(self) -> nn.Module:
-        return self.language_model.get_output_embeddings()
+        return self.lm_head
 
     def set_output_embeddings(self, value: nn.Module):
-        self.language_model.set_output_embeddings(value)
+        self.lm_head = value
 
     def get_decoder(self) -> nn.Module:
-        return self.language_model.get_decoder()
+        return self.model.language_model
 
     def get_image_features(
         self, pixel_values: torch.Tensor | None = None, vision_features: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Visual tokens in the LM's embedding space: `(B, 3, H, W)` -> `(B, num_query_tokens, lm_hidden_size)`.
-
-        `vision_features` (`(B, num_patches, vision_hidden)`, from a feature cache of the frozen encoder) replace
-        `pixel_values`.
-        """
-        features = self.adapter(self.qformer.get_query_outputs(pixel_values, vision_features))
-        if self.config.region_token_ids is None:
-            return features
-        names = self._region_name_embeddings().to(features.dtype)
-        return torch.cat([features[:, : len(names)] + names, features[:, len(names) :]], dim=1)
-
-    def _region_name_embeddings(self) -> torch.Tensor:
-        """`(regions, lm_hidden_size)`: the mean input embedding of each region's name (`config.region_token_ids`)."""
-        embeddings = self.get_input_embeddings()
-        return torch.stack([embeddings(torch.tensor(ids, device=embeddings.weight.device)).mean(dim=0)
-                            for ids in self.config.region_token_ids])
-
-    def _merge_image_features(self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, image_features: torch.Tensor):
-        """Writes `image_features` `(B, Q, H)` at the image-token positions of `inputs_embeds` `(B, T, H)`.
-
-        A row may hold its image's `Q` tokens more than once (the collator's `separate_turns` batches when the
-        chat template puts the image after each question): every copy receives the same visual tokens.
-        """
-        image_mask = input_ids == self.config.image_token_id
-        per_row = image_mask.sum(dim=1)
-        queries = image_features.shape[1]
-        if image_features.shape[0] != input_ids.shape[0] or bool((per_row == 0).any() | (per_row % queries).any()):
-            raise ValueError(
-                f"the prompts hold {per_row.tolist()} image tokens per row but the images give {queries} visual "
-                f"tokens each ({image_features.shape[0]} images); build prompts with the processor, which expands "
-                "each image placeholder into num_query_tokens image tokens"
-            )
-        copies = (per_row // queries).tolist()
-        if max(copies) > 1:
-            image_features = torch.cat([features.repeat(n, 1) for features, n in zip(image_features, copies)])
-        return inputs_embeds.masked_scatter(image_mask.unsqueeze(-1), image_features.to(inputs_embeds.dtype))
+        """See [`VLMModel.get_image_features`]: `(N, 3, H, W)` -> `(N, num_query_tokens, lm_hidden_size)`."""
+        return self.model.get_image_features(pixel_values, vision_features)
 
     def forward(
         self,
@@ -205,95 +346,67 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
         vision_features: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        num_items_in_batch: int | torch.Tensor | None = None,
         **kwargs,
     ) -> VLMCausalLMOutputWithPast:
         r"""
         Args:
-            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
-                Prompt tokens; each image contributes `num_query_tokens` consecutive `image_token_id` tokens.
-            pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, height, width)`, *optional*):
-                One image per sample. Only the first (prefill) step of generation receives them.
-            attention_mask (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
-                1 for tokens, 0 for padding (left padding for generation, right padding for training). Or a boolean
-                `(batch_size, 1, sequence_length, sequence_length)` mask, True where a token may attend (the
-                collator's `separate_turns` batches), used with `position_ids`.
+            input_ids, pixel_values, attention_mask, position_ids, cache, inputs_embeds, vision_features:
+                as in [`VLMModel.forward`]; `pixel_values` is `(num_images, 3, height, width)` for the whole batch.
             labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
                 Target ids aligned with `input_ids`; -100 everywhere except the answer tokens.
-            vision_features (`torch.FloatTensor` of shape `(batch_size, num_patches, vision_hidden)`, *optional*):
-                Precomputed outputs of the frozen vision encoder, used instead of `pixel_values`.
+            logits_to_keep (`int` or `torch.Tensor`, *optional*):
+                Compute the logits of the last `logits_to_keep` positions only (0: all), or of the given indices.
+            num_items_in_batch (*optional*):
+                The Trainer's count of label tokens in the whole accumulated batch: the loss is summed and divided
+                by it, so gradient accumulation averages over tokens, not over micro-batches.
         """
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        image_features = None
-        if inputs_embeds is None:
-            inputs_embeds = self.get_input_embeddings()(input_ids)
-            if pixel_values is not None or vision_features is not None:
-                image_features = self.get_image_features(pixel_values, vision_features)
-                inputs_embeds = self._merge_image_features(input_ids, inputs_embeds, image_features)
-
-        if attention_mask is not None and attention_mask.dim() == 4:
-            attention_mask = self._custom_mask(attention_mask, inputs_embeds.dtype)
-        if labels is not None and self.config.label_logits_only:
-            return self._forward_label_logits_only(
-                inputs_embeds, attention_mask, position_ids, labels, image_features, **kwargs
-            )
-
-        outputs = self.language_model(
-            inputs_embeds=inputs_embeds,
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
             attention_mask=attention_mask,
             position_ids=position_ids,
             cache=cache,
-            labels=labels,
-            use_cache=use_cache,
-            logits_to_keep=logits_to_keep,
+            inputs_embeds=inputs_embeds,
+            vision_features=vision_features,
+            use_cache=use_cache if labels is None else False,
             **kwargs,
         )
+        hidden = outputs.last_hidden_state
+        loss = None
+        if labels is not None and self.config.label_logits_only:
+            # The LM head only where a next token is a label: with answers of ~20 tokens in longer prompts and a large
+            # vocabulary, this skips most of the head's matmul and the largest activation of the step; same loss.
+            shift_labels = labels[:, 1:]
+            keep = shift_labels != -100
+            logits = self.lm_head(hidden[:, :-1][keep])
+            loss = self._token_loss(logits, shift_labels[keep], num_items_in_batch)
+        else:
+            keep_slice = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+            logits = self.lm_head(hidden[:, keep_slice])
+            if labels is not None:
+                shift_labels = labels[:, 1:]
+                loss = self._token_loss(logits[:, :-1].reshape(-1, logits.shape[-1]), shift_labels.reshape(-1),
+                                        num_items_in_batch)
         return VLMCausalLMOutputWithPast(
-            loss=outputs.loss,
-            logits=outputs.logits,
+            loss=loss,
+            logits=logits,
             cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
-            image_features=image_features,
+            image_features=outputs.image_features,
         )
 
-    def _custom_mask(self, visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """A boolean `(B, 1, T, T)` mask in the form the LM's attention takes a prepared mask: as it is for SDPA and
-        flex attention, additive (0 or the dtype's minimum) for eager attention."""
-        implementation = self.language_model.config._attn_implementation
-        if implementation in ("sdpa", "flex_attention"):
-            return visible
-        if implementation == "eager":
-            return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill(
-                ~visible, torch.finfo(dtype).min)
-        raise ValueError(f"a (B, 1, T, T) attention mask (separate_turns) needs sdpa or eager attention, not "
-                         f"{implementation!r}; load the model with attn_implementation='sdpa'")
-
-    def _forward_label_logits_only(
-        self, inputs_embeds, attention_mask, position_ids, labels, image_features, num_items_in_batch=None, **kwargs
-    ) -> VLMCausalLMOutputWithPast:
-        """Training path: the decoder runs on the whole sequence, the LM head only where a next token is a label.
-
-        With answers of ~20 tokens in ~60-token prompts and a 49k vocabulary, this skips most of the head's matmul
-        and the largest activation of the step, and gives the same loss as the full path.
-        """
-        hidden = self.get_decoder()(
-            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-        ).last_hidden_state
-        shift_labels = labels[:, 1:]
-        keep = shift_labels != -100
-        logits = self.get_output_embeddings()(hidden[:, :-1][keep])
-        targets = shift_labels[keep]
-        # Trainer passes the token count of the whole accumulated batch so that gradient accumulation averages
-        # over tokens, not over micro-batches (the same convention as transformers' causal-LM loss).
+    @staticmethod
+    def _token_loss(logits: torch.Tensor, targets: torch.Tensor, num_items_in_batch) -> torch.Tensor:
+        """Mean cross-entropy over the target tokens (-100 ignored), or their sum over `num_items_in_batch`."""
         if num_items_in_batch is not None:
-            loss = F.cross_entropy(logits.float(), targets, reduction="sum") / num_items_in_batch
-        else:
-            loss = F.cross_entropy(logits.float(), targets)
-        return VLMCausalLMOutputWithPast(loss=loss, logits=logits, image_features=image_features)
+            return F.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="sum") / num_items_in_batch
+        return F.cross_entropy(logits.float(), targets, ignore_index=-100)
 
     def prepare_inputs_for_generation(self, *args, is_first_iteration: bool = False, **kwargs):
-        # Visual tokens are already in the KV cache after the prefill step: only the prompt step needs features.
+        # Visual tokens are already in the KV cache after the prefill step: only the prompt step needs features
+        # (transformers drops `pixel_values` itself).
         if not is_first_iteration and kwargs.get("use_cache", True):
             kwargs.pop("vision_features", None)
         return super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
@@ -303,5 +416,7 @@ __all__ = [
     "VLMAdapter",
     "VLMCausalLMOutputWithPast",
     "VLMForConditionalGeneration",
+    "VLMModel",
+    "VLMModelOutputWithPast",
     "VLMPreTrainedModel",
 ]

@@ -20,12 +20,16 @@ def chatml_template(image_after_text: bool = False) -> str:
     else:
         content = ("{% for item in message['content'] %}{% if item['type'] == 'image' %}{{ '<image>' }}"
                    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}")
+    # An assistant message's text and its end token sit inside {% generation %}: `apply_chat_template(...,
+    # return_assistant_tokens_mask=True)` then marks the tokens a model learns, as the training collator labels them
+    # (TRL's SFTTrainer trains on them with assistant_only_loss=True).
+    body = "{% if message['content'] is string %}{{ message['content'] }}{% else %}" + content + "{% endif %}"
     return (
         "{% for message in messages %}"
         "{{ '<|im_start|>' + message['role'] + '\n' }}"
-        "{% if message['content'] is string %}{{ message['content'] }}"
-        "{% else %}" + content + "{% endif %}"
-        "{{ '<|im_end|>\n' }}"
+        "{% if message['role'] == 'assistant' %}{% generation %}" + body + "{{ '<|im_end|>' }}{% endgeneration %}"
+        "{% else %}" + body + "{{ '<|im_end|>' }}{% endif %}"
+        "{{ '\n' }}"
         "{% endfor %}"
         "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
     )

@@ -53,7 +53,7 @@ def _world(root: Path) -> dict[str, str]:
     # A VLM saved by other model code: one weight this checkout's classes have no parameter for.
     shutil.copytree(root / "vlm", root / "foreign")
     weights = load_file(root / "foreign" / "model.safetensors")
-    save_file({**weights, "adapter.query_bias": torch.zeros(4)}, root / "foreign" / "model.safetensors",
+    save_file({**weights, "model.adapter.query_bias": torch.zeros(4)}, root / "foreign" / "model.safetensors",
               metadata={"format": "pt"})
     (root / "empty").mkdir()
     (root / "garbage.parquet").write_bytes(os.urandom(2048))
@@ -138,7 +138,8 @@ def _cases(w: dict[str, str], out: str) -> dict[str, tuple[list[str], list[str]]
                             ["--model", "no such file or folder", f"did you mean {w['vlm']}"]),
         "eval a model saved by other code": ([*evaluate, "--model", w["foreign"], "--data", w["shapes"], "--split",
                                               "validation"],
-                                             [w["foreign"], "unexpected: adapter.query_bias", "other model code"]),
+                                             [w["foreign"], "unexpected: model.adapter.query_bias",
+                                              "other model code"]),
         "eval another architecture": ([*evaluate, "--model", w["llama"], "--data", w["shapes"]], ["'llama' model"]),
         "eval empty data": ([*evaluate, "--model", w["qformer"], "--data", w["empty"]], [w["empty"], "is empty"]),
         "eval zero samples": ([*evaluate, "--model", w["qformer"], "--data", w["shapes"], "--max-samples", "0"],

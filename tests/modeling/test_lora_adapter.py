@@ -28,15 +28,17 @@ def test_parameter_count_is_the_sum_of_the_parts_plus_lora():
     model, _ = tiny_vlm_and_processor(freeze_vision=True)
     parts = {name: sum(p.numel() for p in getattr(model, name).parameters())
              for name in ("qformer", "adapter", "language_model")}
+    # The tiny LM ties its head to its input embeddings, as SmolLM does: the head adds no parameter.
+    assert model.lm_head.weight is model.get_input_embeddings().weight
     assert sum(p.numel() for p in model.parameters()) == sum(parts.values())
     peft_model = add_lora(model, r=4, alpha=8, dropout=0.0)
     lora = sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" in n)
     assert lora > 0
     assert sum(p.numel() for p in peft_model.parameters()) == sum(parts.values()) + lora
     trainable = {n for n, p in peft_model.get_base_model().named_parameters() if p.requires_grad}
-    vision = {n for n, _ in model.named_parameters() if n.startswith("qformer.vision_model.")}
+    vision = {n for n, _ in model.named_parameters() if n.startswith("model.qformer.vision_model.")}
     assert vision and not trainable & vision
-    assert "qformer.query_tokens" in trainable and any(n.startswith("adapter.") for n in trainable)
+    assert "model.qformer.query_tokens" in trainable and any(n.startswith("model.adapter.") for n in trainable)
 
 
 def test_adapter_folder_holds_only_trained_weights_and_rebuilds_the_model(tmp_path, shape_images):

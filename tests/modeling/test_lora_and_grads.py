@@ -65,5 +65,5 @@ def test_trainable_vision_gets_gradient(shape_images):
     model, processor = tiny_vlm_and_processor(freeze_vision=False)
     model.train()
     model(**_batch(processor, shape_images[:2])).loss.backward()
-    vision = [p for n, p in model.named_parameters() if n.startswith("qformer.vision_model.")]
+    vision = [p for n, p in model.named_parameters() if n.startswith("model.qformer.vision_model.")]
     assert vision and all(p.grad is not None for p in vision)

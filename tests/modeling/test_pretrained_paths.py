@@ -107,9 +107,11 @@ def test_vlm_from_pretrained_language_model(tmp_path, vit_folder, lm_config, sha
     tokenizer.save_pretrained(tmp_path / "lm")
 
     vlm, processor = build_vlm(qformer, qformer_processor, language_model=str(tmp_path / "lm"))
-    assert type(vlm.language_model) is type(lm)
-    for name, tensor in lm.state_dict().items():
+    # The LM's decoder is the VLM's language_model, its head the VLM's lm_head: every weight carried over.
+    assert type(vlm.language_model) is type(lm.model)
+    for name, tensor in lm.model.state_dict().items():
         assert torch.equal(vlm.language_model.state_dict()[name], tensor), name
+    assert torch.equal(vlm.lm_head.weight, lm.lm_head.weight)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "describe the image."}]}]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     inputs = processor(images=shape_images[:1], text=[prompt], return_tensors="pt")

@@ -191,7 +191,7 @@ def test_adapter_folder_holds_lora_and_the_trained_parts_only(base_recipe):
     assert numel(lora) == parts.lora
     names = tensor_names(others)
     assert {name.split(".")[0] for name in names} == {"qformer", "adapter"}
-    assert not [name for name in names if name.startswith("qformer.vision_model.")]  # frozen: not in the adapter
+    assert not [name for name in names if name.startswith("model.qformer.vision_model.")]  # frozen: not in the adapter
     assert numel(others) == parts.qformer + parts.adapter
     size_mb = sum(p.stat().st_size for p in adapter.iterdir()) / 1e6
     print(f"adapter folder at base size: {size_mb:.0f} MB (LoRA {lora.stat().st_size / 1e6:.0f} MB)")

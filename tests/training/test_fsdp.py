@@ -41,7 +41,7 @@ LOSS_TOLERANCE = WEIGHT_TOLERANCE = 1e-5
 STEPS, SAVE_EVERY, STAGE2_STEPS = 4, 2, 3
 # Files only a run under FSDP writes into a checkpoint (under DDP: optimizer.pt, no gathered copy of the model).
 FSDP_CHECKPOINT_FILES = {"pytorch_model_fsdp.bin", "optimizer.bin"}
-TIED_LM_HEAD = "language_model.lm_head.weight"
+TIED_LM_HEAD = "lm_head.weight"
 # Every stage-1 run here: 2 x 16, dropout off, a checkpoint every 2 steps. ITM on: FSDP resumes only an optimizer
 # holding a state for every trainable parameter, and with ITM off the ITM head never gets a gradient (torch:
 # "Missing optimizer state for parameter 'itm_head.bias'").
@@ -178,7 +178,7 @@ def test_fsdp_trains_stage2_like_ddp_and_saves_a_loadable_vlm(stage2, tmp_path):
     # save_pretrained drops a tied weight only when it shares storage with its source, and the state dict FSDP
     # gathers holds copies: the LM head tied to the embeddings is written too (equal, and tied again on loading).
     assert weights_fsdp.keys() - weights_ddp.keys() == {TIED_LM_HEAD}
-    assert weights_fsdp[TIED_LM_HEAD].equal(weights_fsdp["language_model.model.embed_tokens.weight"])
+    assert weights_fsdp[TIED_LM_HEAD].equal(weights_fsdp["model.language_model.embed_tokens.weight"])
     weight_difference = max((weights_fsdp[name] - tensor).abs().max().item() for name, tensor in weights_ddp.items())
     print(f"\ntrain_vlm FSDP vs DDP: max |loss diff| = {loss_difference:.2e}, max |weight diff| after "
           f"{STAGE2_STEPS} steps = {weight_difference:.2e}")

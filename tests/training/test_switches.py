@@ -9,7 +9,8 @@ from transformers import Trainer, TrainingArguments
 
 from benchmarks.throughput import TINY, Case, build_model, compile_repeated_blocks
 from modeling.lora import add_lora
-from training.collators import CaptioningCollator, ContrastiveCollator
+from training.collators import ContrastiveCollator
+from training.conversation_collator import ConversationCollator
 from training.device_normalize import DeviceNormalizeMixin, pixel_batch
 
 from .frozen_models import frozen_qformer, frozen_vlm
@@ -23,7 +24,7 @@ def stage1_batch(processor, rows, **collator_kwargs):
 
 
 def stage2_batch(processor, rows, **collator_kwargs):
-    return CaptioningCollator(processor, max_length=64, qa_turns=1, **collator_kwargs)(rows)
+    return ConversationCollator(processor, max_length=64, qa_turns=1, **collator_kwargs)(rows)
 
 
 def loss_and_grads(model, batch):
@@ -101,7 +102,7 @@ def test_bf16_autocast_within_bf16_tolerance(rows):
 def test_sdpa_equals_eager(rows, separate_turns):
     """Also with separate turns' (B, 1, T, T) attention mask, which each implementation takes in its own form."""
     model, processor = frozen_vlm()
-    batch = CaptioningCollator(processor, max_length=96, qa_turns=2, separate_turns=separate_turns)(rows)
+    batch = ConversationCollator(processor, max_length=96, qa_turns=2, separate_turns=separate_turns)(rows)
     assert batch["attention_mask"].dim() == (4 if separate_turns else 2)
     model.train()
     model.set_attn_implementation("eager")
@@ -121,7 +122,7 @@ def test_gradient_checkpointing_keeps_loss_and_lora_gradients(rows):
     # The call the Trainer makes for `gradient_checkpointing: true` (renamed activation_checkpointing in 5.2x).
     enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
     enable()
-    assert model.base_model.model.language_model.model.layers[0].gradient_checkpointing
+    assert model.base_model.model.language_model.layers[0].gradient_checkpointing
     loss, grads = loss_and_grads(model, batch)
     torch.testing.assert_close(loss, plain_loss, **TIGHT)
     assert any("lora_" in name for name in grads), "LoRA weights must still get gradients under checkpointing"
