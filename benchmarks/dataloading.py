@@ -34,7 +34,8 @@ from data.synthetic import generate_dataset
 from modeling.presets import CHAT_WORDS
 from modeling.processing_vlm import VLMProcessor
 from modeling.tiny_tokenizers import train_chat_tokenizer, train_wordpiece_tokenizer
-from training.collators import CaptioningCollator, ContrastiveCollator
+from training.collators import ContrastiveCollator
+from training.conversation_collator import ConversationCollator
 from training.stage import text_corpus
 
 
@@ -51,7 +52,7 @@ def make_collators(dataset, image_size: int, num_query_tokens: int) -> dict:
     )
     return {
         1: lambda fmt: ContrastiveCollator(qformer_processor, max_length=48, pixel_format=fmt),
-        2: lambda fmt: CaptioningCollator(vlm_processor, max_length=160, qa_turns=3, pixel_format=fmt),
+        2: lambda fmt: ConversationCollator(vlm_processor, max_length=160, qa_turns=3, pixel_format=fmt),
     }
 
 

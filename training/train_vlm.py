@@ -21,7 +21,7 @@ from modeling.lora import save_adapter
 
 from .arguments import DataArguments, VLMModelArguments
 from .checkpoints import resolve_resume_checkpoint
-from .collators import CaptioningCollator
+from .conversation_collator import ConversationCollator
 from .device_normalize import DeviceNormalizeMixin
 from .feature_cache import with_feature_cache
 from .fsdp import wrap_declared_layers
@@ -104,7 +104,7 @@ def build_trainer(
 
     # Batches: a chat conversation per image (caption and question-answer turns), loss on the answers only;
     # checked against the data now, not at the batch that would fail.
-    collator = CaptioningCollator(processor, max_length=data_args.max_length, qa_turns=data_args.qa_turns,
+    collator = ConversationCollator(processor, max_length=data_args.max_length, qa_turns=data_args.qa_turns,
                                   seed=training_args.seed, pixel_format=data_args.pixel_format,
                                   separate_turns=data_args.separate_turns)
     collator.check_dataset(rows_to_check(train_dataset), "the training data")

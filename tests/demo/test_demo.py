@@ -118,13 +118,13 @@ def test_trained_beats_untrained(demo_out):
 
     import modeling  # noqa: F401
     from data.loading import load_image_text_dataset
-    from training.collators import CaptioningCollator
+    from training.conversation_collator import ConversationCollator
 
     rows = load_image_text_dataset(out / "data", split="validation").select(range(32))
     losses = {}
     for name, folder in (("untrained", out / "untrained" / "vlm"), ("trained", out / "vlm")):
         model = AutoModelForImageTextToText.from_pretrained(folder).eval()
-        batch = CaptioningCollator(AutoProcessor.from_pretrained(folder), max_length=96)(list(rows))
+        batch = ConversationCollator(AutoProcessor.from_pretrained(folder), max_length=96)(list(rows))
         with torch.no_grad():
             losses[name] = model(**batch).loss.item()
     assert losses["trained"] < losses["untrained"] - 1.0, losses

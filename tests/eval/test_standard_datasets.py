@@ -24,7 +24,7 @@ from eval.generation import CAPTION_PROMPT
 from eval.metrics.coco_caption.coco_caption import coco_tokenize
 from eval.retrieval import RECALL_AT
 from tests.conftest import tiny_qformer_and_processor, tiny_vlm_and_processor
-from training.collators import CaptioningCollator
+from training.conversation_collator import ConversationCollator
 
 NUM_IMAGES = 8
 # The template the VLM is taught to caption with. It is never an image's first caption (the row's `caption`), so
@@ -93,7 +93,7 @@ def _taught_vlm(pictures, taught, folder):
     """A tiny VLM shown each picture with its `TAUGHT_TEMPLATE` caption for 30 steps: it then writes that template's
     words with partly wrong objects, so the scores are neither zero nor perfect."""
     model, processor = tiny_vlm_and_processor()
-    collator = CaptioningCollator(processor, qa_turns=0, instructions=[CAPTION_PROMPT])
+    collator = ConversationCollator(processor, qa_turns=0, instructions=[CAPTION_PROMPT])
     batch = collator([{"image": p, "caption": c, "key": str(i)} for i, (p, c) in enumerate(zip(pictures, taught))])
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     model.train()

@@ -5,12 +5,14 @@ from collections import Counter
 import pytest
 import torch
 
+from data.conversations import IMAGE_PLACEHOLDER
 from data.loading import load_image_text_dataset
 from data.shapes import COLORS
 from modeling.presets import build_vlm
 from tests.conftest import tiny_qformer_and_processor
 from tests.helpers import TINY_LM
-from training.collators import CaptioningCollator, ContrastiveCollator
+from training.collators import ContrastiveCollator
+from training.conversation_collator import ConversationCollator
 from training.stage import text_corpus
 
 NUM_ROWS = 6
@@ -42,7 +44,7 @@ def labelled_runs(labels: torch.Tensor, input_ids: torch.Tensor) -> list[list[in
 def test_only_answer_tokens_carry_loss(rows_and_processor, qa_turns):
     rows, processor = rows_and_processor
     end = processor.tokenizer.eos_token
-    batch = CaptioningCollator(processor, max_length=512, qa_turns=qa_turns)(rows)
+    batch = ConversationCollator(processor, max_length=512, qa_turns=qa_turns)(rows)
 
     for i, row in enumerate(rows):
         runs = [processor.tokenizer.decode(run) for run in labelled_runs(batch["labels"][i], batch["input_ids"][i])]
@@ -68,7 +70,7 @@ def test_the_same_sample_gets_the_same_conversation_in_any_batch(rows_and_proces
     """Resumed and multi-process runs see each sample in a different batch; its instruction and turns must not
     depend on that."""
     rows, processor = rows_and_processor
-    collator = CaptioningCollator(processor, max_length=512, qa_turns=2)
+    collator = ConversationCollator(processor, max_length=512, qa_turns=2)
     together = collator(rows)
     alone = collator(rows[3:4])
     length = int(alone["attention_mask"].sum())
@@ -87,7 +89,7 @@ def test_separate_turns_equal_one_conversation_per_turn(shapes_data, image_after
     model, processor = build_vlm(qformer, qformer_processor, corpus=text_corpus(dataset), lm=TINY_LM,
                                  lm_vocab_size=300, image_after_text=image_after_text)
     model.eval()
-    collator = CaptioningCollator(processor, max_length=1024, qa_turns=20, separate_turns=True)
+    collator = ConversationCollator(processor, max_length=1024, qa_turns=20, separate_turns=True)
     shared = collator(rows)
     # A second batch of the same rows is built from the collator's cache of encoded turns: it must not differ.
     again = collator(rows)
@@ -96,32 +98,34 @@ def test_separate_turns_equal_one_conversation_per_turn(shapes_data, image_after
     copies = (shared["input_ids"] == processor.image_token_id).sum(dim=1) // processor.num_query_tokens
     turns_per_row = torch.tensor([1 + len(row["qa"]) for row in rows])
     assert torch.equal(copies, turns_per_row if image_after_text else torch.ones_like(copies))
+    assert len(shared["pixel_values"]) == int(copies.sum())
     with torch.no_grad():
         hidden = model(**{**shared, "labels": None}).logits
-    alone = CaptioningCollator(processor, max_length=1024, qa_turns=0)
+    alone = ConversationCollator(processor, max_length=1024, qa_turns=0)
     checked = 0
     for i, row in enumerate(rows):
-        turns = collator.conversation(row)
-        assert len(turns) == 1 + len(row["qa"])
+        pairs = collator.caption_qa.pairs(row)
+        assert len(pairs) == 1 + len(row["qa"])
         # Each turn after the first starts where the positions fall back to the end of the shared prefix.
         positions = shared["position_ids"][i]
         starts = (positions[1:] < positions[:-1]).nonzero().flatten() + 1
         prefix = int(positions[starts[0]])
         assert processor.tokenizer.decode(shared["input_ids"][i, :prefix]).startswith("<|im_start|>user")
-        for k, turn in enumerate(turns):
-            text = alone._expanded(alone.render([turn]))[0]
-            assert text.index(processor.image_token) > text.index(turn[0]) if image_after_text else \
-                text.index(processor.image_token) < text.index(turn[0])
-            batch = alone._tokenize([text], padding=True)
+        pixels = processor.image_processor([row["image"]], return_tensors="pt")["pixel_values"]
+        for k, (question, answer) in enumerate(pairs):
+            turns = [{"role": "user", "text": IMAGE_PLACEHOLDER + question}, {"role": "assistant", "text": answer}]
+            text, _ = alone.render(turns)
+            assert text.index(processor.image_token) > text.index(question) if image_after_text else \
+                text.index(processor.image_token) < text.index(question)
+            ids = torch.tensor([alone.encode(turns)[0]])
             with torch.no_grad():
-                single = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                               pixel_values=shared["pixel_values"][i : i + 1]).logits[0]
-            assert torch.equal(shared["input_ids"][i, :prefix], batch["input_ids"][0, :prefix])
+                single = model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels).logits[0]
+            assert torch.equal(shared["input_ids"][i, :prefix], ids[0, :prefix])
             begin = prefix if k == 0 else int(starts[k - 1])
             # The shared sequence leaves out what follows the answer's end token (the template's newline).
-            assert processor.tokenizer.decode(batch["input_ids"][0, -1]) == "\n"
-            end = begin + len(batch["input_ids"][0]) - prefix - 1
-            assert torch.equal(shared["input_ids"][i, begin:end], batch["input_ids"][0, prefix:-1])
+            assert processor.tokenizer.decode(ids[0, -1]) == "\n"
+            end = begin + len(ids[0]) - prefix - 1
+            assert torch.equal(shared["input_ids"][i, begin:end], ids[0, prefix:-1])
             torch.testing.assert_close(hidden[i, begin:end], single[prefix:-1], atol=1e-4, rtol=1e-4)
             checked += 1
     assert checked == sum(1 + len(row["qa"]) for row in rows)
@@ -134,16 +138,16 @@ def test_separate_turns_equal_one_conversation_per_turn(shapes_data, image_after
 
 
 def test_a_turn_that_does_not_fit_whole_is_left_out(shapes_data):
-    """With the image after each question, a max_length that would cut a turn's image tokens leaves the turn out
-    (and the turns after it) rather than feeding the model a piece of an image."""
+    """With the image after each question, a max_length that would cut a turn (its image tokens or its answer)
+    leaves the turn out, and the turns after it, rather than feeding the model a piece of an image or an answer."""
     dataset = load_image_text_dataset(str(shapes_data), split="train")
     rows = [dataset[i] for i in range(NUM_ROWS)]
     qformer, qformer_processor = tiny_qformer_and_processor()
     _, processor = build_vlm(qformer, qformer_processor, corpus=text_corpus(dataset), lm=TINY_LM, lm_vocab_size=300,
                              image_after_text=True)
-    full = CaptioningCollator(processor, max_length=1024, qa_turns=20, separate_turns=True)(rows)
+    full = ConversationCollator(processor, max_length=1024, qa_turns=20, separate_turns=True)(rows)
     for max_length in (60, 97, 150):
-        batch = CaptioningCollator(processor, max_length=max_length, qa_turns=20, separate_turns=True)(rows)
+        batch = ConversationCollator(processor, max_length=max_length, qa_turns=20, separate_turns=True)(rows)
         assert batch["input_ids"].shape[1] <= max_length
         for i in range(len(rows)):
             images = batch["input_ids"][i] == processor.image_token_id

@@ -9,7 +9,8 @@ import torch
 
 from cli import UserError
 from modeling.presets import tiny_image_processor
-from training.collators import CaptioningCollator, ContrastiveCollator
+from training.collators import ContrastiveCollator
+from training.conversation_collator import ConversationCollator
 from training.feature_cache import (
     FeatureCache,
     FeatureCacheCollator,
@@ -56,8 +57,8 @@ def test_stage2_cached_features_give_the_pixel_loss(rows, tmp_path):
     model, processor = frozen_vlm()
     cache = build(model, processor, rows, tmp_path)
     decoded, raw = decoded_and_raw(rows)
-    pixels = CaptioningCollator(processor, max_length=64, qa_turns=1)(decoded)
-    cached = FeatureCacheCollator(CaptioningCollator(processor, max_length=64, qa_turns=1, pixel_format="none"),
+    pixels = ConversationCollator(processor, max_length=64, qa_turns=1)(decoded)
+    cached = FeatureCacheCollator(ConversationCollator(processor, max_length=64, qa_turns=1, pixel_format="none"),
                                   cache)(raw[::-1])  # order must follow the rows, not the cache
     model.eval()
     reordered = {k: v.flip(0) for k, v in cached.items()}
