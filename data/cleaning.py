@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
@@ -27,12 +28,17 @@ METADATA_UNREADABLE = "metadata json unreadable"
 NO_CAPTION_NO_QA = "no caption and no usable question-answer pair"
 REFERENCE_DROPPED = "unusable reference or negative caption dropped"
 QA_DROPPED = "unusable question-answer pair dropped"
+HUMAN_ANSWER_DROPPED = "human answer that is not text dropped"
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 # "about": the noun phrase of the object a question asks about (synthetic shapes data; None elsewhere), which tells
 # evaluation the questions about held-out attribute combinations.
 _QA_FEATURE = {"question": Value("string"), "answer": Value("string"), "type": Value("string"),
                "about": Value("string")}
+# With `CleaningOptions.answer_lists` (evaluation's VQAv2 accuracy): every human answer of the question ([] for
+# single-answer data) and VQAv2's question and answer types (None where the data has none).
+_QA_LISTS_FEATURE = {**_QA_FEATURE, "answers": List(Value("string")), "question_type": Value("string"),
+                     "answer_type": Value("string")}
 OUTPUT_FEATURES = Features(
     {
         "image": datasets.Image(mode="RGB"),
@@ -50,6 +56,13 @@ HIDDEN_FEATURES = {"_skip": Value("string"), "_repairs": List(Value("string")), 
 CLEANED_FEATURES = Features({**OUTPUT_FEATURES, "image": datasets.Image(decode=False), **HIDDEN_FEATURES})
 
 
+def cleaned_features(answer_lists: bool) -> Features:
+    """`CLEANED_FEATURES`, with the answer-list fields in each question-answer pair when `answer_lists`."""
+    if not answer_lists:
+        return CLEANED_FEATURES
+    return Features({**CLEANED_FEATURES, "qa": List(_QA_LISTS_FEATURE)})
+
+
 @dataclass(frozen=True)
 class CleaningOptions:
     """Where a shard sample's texts are and the limits applied to every sample; see `load_image_text_dataset`."""
@@ -62,6 +75,9 @@ class CleaningOptions:
     # Shards: the fields of a sample's .json that hold its caption (None: the .txt member) and its hard negatives.
     caption_field: str | None = None
     negatives_field: str = "negative_captions"
+    # Keep every human answer of a question, and its VQAv2 types (`cleaned_features(True)`); off, the pairs have
+    # the four standard fields.
+    answer_lists: bool = False
 
     def with_text_fields(self, caption: str | None, negative_captions: str | None) -> CleaningOptions:
         """These options reading a shard's caption and hard negatives from the named .json fields (None: the
@@ -97,8 +113,25 @@ def _clean_texts(values: Any, options: CleaningOptions, repairs: list[str]) -> l
     return cleaned
 
 
-def _clean_qa(pairs: Any, options: CleaningOptions, repairs: list[str]) -> list[dict[str, str]]:
-    """Keep the pairs whose question and answer are usable text; type defaults to "open", about to None."""
+def _text_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _human_answers(values: Any, repairs: list[str]) -> list[str]:
+    """The human answers as given: the VQAv2 accuracy does its own whitespace and punctuation handling, and every
+    answer counts in its leave-one-out average. Those that are not text are dropped and noted."""
+    answers = []
+    for value in _as_list(values, repairs, HUMAN_ANSWER_DROPPED):
+        if isinstance(value, str):
+            answers.append(value)
+        else:
+            repairs.append(HUMAN_ANSWER_DROPPED)
+    return answers
+
+
+def _clean_qa(pairs: Any, options: CleaningOptions, repairs: list[str]) -> list[dict[str, Any]]:
+    """Keep the pairs whose question and answer are usable text; type defaults to "open", about to None.
+    With `options.answer_lists` each pair also gets `answers`, `question_type` and `answer_type`."""
     cleaned = []
     for pair in _as_list(pairs, repairs, QA_DROPPED):
         if not isinstance(pair, dict):
@@ -109,9 +142,13 @@ def _clean_qa(pairs: Any, options: CleaningOptions, repairs: list[str]) -> list[
         kind = pair.get("type") if isinstance(pair.get("type"), str) else "open"
         if question is None or answer is None:
             repairs.append(QA_DROPPED)
-        else:
-            about = pair.get("about") if isinstance(pair.get("about"), str) else None
-            cleaned.append({"question": question, "answer": answer, "type": kind, "about": about})
+            continue
+        kept = {"question": question, "answer": answer, "type": kind, "about": _text_or_none(pair.get("about"))}
+        if options.answer_lists:
+            kept |= {"answers": _human_answers(pair.get("answers"), repairs),
+                     "question_type": _text_or_none(pair.get("question_type")),
+                     "answer_type": _text_or_none(pair.get("answer_type"))}
+        cleaned.append(kept)
     return cleaned
 
 
@@ -247,11 +284,34 @@ def _image_bytes(value: Any) -> bytes | None:
     return None
 
 
-def _first_answer(value: Any) -> Any:
-    # VQA sets often store several annotators' answers; the first is the one we train on.
-    while isinstance(value, list) and value:
-        value = value[0]
-    return value.get("answer") if isinstance(value, dict) else value
+def _answer_list(value: Any) -> list[Any] | None:
+    """The human answers in an answer cell holding several (None for a single answer): a list of strings
+    (TextVQA), of dicts with "answer" (VQAv2), or such dicts read from a `Sequence` feature as a dict of lists."""
+    if isinstance(value, dict) and isinstance(value.get("answer"), list):
+        return value["answer"]
+    if not isinstance(value, list):
+        return None
+    return [item.get("answer") if isinstance(item, dict) else item for item in value]
+
+
+def _most_frequent(answers: list[Any]) -> Any:
+    """The answer most annotators gave (the first to occur among equals), None when there is none: the one a
+    question is trained on and scored against by exact match."""
+    counts = Counter(answer for answer in answers if isinstance(answer, str))
+    return counts.most_common(1)[0][0] if counts else None  # most_common keeps first-seen order among ties
+
+
+def _qa_from_row(row: dict[str, Any], columns: dict[str, str | None]) -> dict[str, Any]:
+    """The row's question-answer pair, before cleaning. VQAv2's `question_type`/`answer_type` columns are read when
+    the data has them; `_clean_qa` keeps them (and the answer list) only with `CleaningOptions.answer_lists`."""
+    value = row[columns["answer"]]
+    answers = _answer_list(value)
+    single = value.get("answer") if isinstance(value, dict) else value
+    return {
+        "question": row[columns["question"]], "answer": single if answers is None else _most_frequent(answers),
+        "type": "open", "answers": answers, "question_type": row.get("question_type"),
+        "answer_type": row.get("answer_type"),
+    }
 
 
 def clean_dataset_row(
@@ -260,9 +320,7 @@ def clean_dataset_row(
     """Clean one row of a `datasets` source; `columns` maps image/caption/question/answer/group/key/negative_captions
     to names."""
     key = str(row[columns["key"]]) if columns["key"] else str(index)
-    qa = []
-    if columns["question"] and columns["answer"]:
-        qa = [{"question": row[columns["question"]], "answer": _first_answer(row[columns["answer"]]), "type": "open"}]
+    qa = [_qa_from_row(row, columns)] if columns["question"] and columns["answer"] else []
     caption = row[columns["caption"]] if columns["caption"] else None
     group = row[columns["group"]] if columns["group"] else None
     negatives = row[columns["negative_captions"]] if columns["negative_captions"] else None

@@ -7,7 +7,8 @@ written by `save_to_disk`, data files (parquet/csv/json), or a dataset on the Hu
 Every source goes through the same cleaning (`data.cleaning.clean_sample`), so every row has the columns
 
     image (PIL RGB)  caption (str)  key (str, unique)  group_id (str: same for true duplicates)
-    references (list[str], caption first)  qa (list of {question, answer, type})
+    references (list[str], caption first)  qa (list of {question, answer, type, about}; with answer_lists also
+    answers, question_type, answer_type)
     negative_captions (list[str])
 
 Bad samples never stop a load: each is skipped or repaired and counted by reason in a `SkipReport`
@@ -35,12 +36,12 @@ from cli import UserError, closest
 
 from . import cleaning, sanitize, tar_shards
 from .cleaning import (
-    CLEANED_FEATURES,
     HIDDEN_FEATURES,
     OUTPUT_FEATURES,
     CleaningOptions,
     check_text_fields,
     clean_dataset_row,
+    cleaned_features,
     sample_from_files,
     verdict_row,
 )
@@ -116,10 +117,11 @@ def _load_shards(
     folders = ", ".join(sorted({os.path.dirname(r.path) for r in refs}))
     logger.info("reading %d shards as split %r from %s", len(refs), split, folders)
     gen_kwargs = {"shards": [asdict(ref) for ref in refs], "options": options}
+    features = cleaned_features(options.answer_lists)
     if streaming:
-        return IterableDataset.from_generator(_rows_from_shards, features=CLEANED_FEATURES, gen_kwargs=gen_kwargs)
+        return IterableDataset.from_generator(_rows_from_shards, features=features, gen_kwargs=gen_kwargs)
     return Dataset.from_generator(
-        _rows_from_shards, features=CLEANED_FEATURES, gen_kwargs=gen_kwargs, split=datasets.NamedSplit(split),
+        _rows_from_shards, features=features, gen_kwargs=gen_kwargs, split=datasets.NamedSplit(split),
         num_proc=num_proc if num_proc and num_proc > 1 and len(refs) > 1 else None, cache_dir=cache_dir,
         fingerprint=_fingerprint(gen_kwargs["shards"], asdict(options), split),
     )
@@ -186,7 +188,7 @@ def _load_datasets_source(
         map_kwargs = {"num_proc": num_proc, "desc": "cleaning samples", "new_fingerprint": fingerprint}
     return raw.map(
         clean_dataset_row, with_indices=True, fn_kwargs={"columns": resolved, "options": options},
-        remove_columns=list(raw.features), features=CLEANED_FEATURES, **map_kwargs,
+        remove_columns=list(raw.features), features=cleaned_features(options.answer_lists), **map_kwargs,
     )
 
 
@@ -239,6 +241,7 @@ def load_image_text_dataset(
     group_column: str | None = None,
     key_column: str | None = None,
     negative_captions_column: str | None = None,
+    answer_lists: bool = False,
     max_caption_chars: int = 512,
     long_caption_policy: Literal["truncate", "skip"] = "truncate",
     min_image_side: int = 8,
@@ -260,11 +263,17 @@ def load_image_text_dataset(
             caption/text/...). A caption column holding lists gives the first as caption, the rest
             as references. For shards, `caption_column` names the field of each sample's .json that
             holds the caption (default: the .txt member).
-        question_column, answer_column: add one question-answer pair per row (type "open").
+        question_column, answer_column: add one question-answer pair per row (type "open"). An answer column
+            holding several human answers (strings, or VQAv2's dicts with "answer") gives the most frequent one as
+            the answer (among equals, the first to occur).
         group_column: column whose value marks true duplicates (default: the normalised caption).
         key_column: column with a unique sample id (default: the row index).
         negative_captions_column: column (shards: .json field; default "negative_captions") holding a
             list of counterfactual captions per image, stage 1's hard negatives.
+        answer_lists: give each question-answer pair also `answers` (every human answer of a list-valued answer
+            column, as given; [] otherwise; shards: the pair's "answers" in the .json), `question_type` and
+            `answer_type` (the row's columns of those names, as VQAv2 has them; else None), for evaluation's VQAv2
+            accuracy (`eval.vqav2_accuracy`).
         max_caption_chars, long_caption_policy: longer captions are cut at a word boundary
             ("truncate", counted as a repair) or left out ("skip", counted as a skip).
         min_image_side, max_image_pixels: smaller images are skipped; larger ones are skipped from
@@ -274,12 +283,14 @@ def load_image_text_dataset(
         report: a `SkipReport` to fill; map-style fills it now, streaming while it is read.
 
     Returns:
-        a `Dataset` (or `IterableDataset`) with the columns of `OUTPUT_FEATURES`.
+        a `Dataset` (or `IterableDataset`) with the columns of `OUTPUT_FEATURES` (with `answer_lists`, the wider
+        question-answer pairs of `data.cleaning.cleaned_features`).
     """
     if long_caption_policy not in ("truncate", "skip"):
         raise ValueError(f"long_caption_policy must be 'truncate' or 'skip', got {long_caption_policy!r}")
     report = report if report is not None else SkipReport()
-    options = CleaningOptions(max_caption_chars, long_caption_policy, min_image_side, max_image_pixels)
+    options = CleaningOptions(max_caption_chars, long_caption_policy, min_image_side, max_image_pixels,
+                              answer_lists=answer_lists)
     if isinstance(source, (str, os.PathLike)):
         source = os.fspath(source)
         folder = shard_folder(source, split)

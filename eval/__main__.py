@@ -27,7 +27,9 @@ def _parse_args(argv: Sequence[str] | None):
                "--out outputs/demo/eval; "
                "python -m eval --model outputs/base/vlm --data yerevann/coco-karpathy --split test "
                "--image-column url --caption-column sentences --id-column cocoid --retrieval-texts references "
-               "--out outputs/base/coco-karpathy",
+               "--out outputs/base/coco-karpathy; "
+               "python -m eval --model outputs/base/vlm --data data/vqav2_val.parquet --question-column question "
+               "--answer-column answers --out outputs/base/vqav2",
     )
     parser.add_argument("--model", required=True, help="a saved model folder or a Hub id")
     parser.add_argument("--data", required=True, help="shards folder, .tar files, dataset folder/file or Hub dataset")
@@ -44,6 +46,12 @@ def _parse_args(argv: Sequence[str] | None):
                         help="image id column of a datasets source: the id in captions.csv, and images with "
                              "different ids are never each other's duplicates (default: the row number, and "
                              "duplicates by equal first caption)")
+    parser.add_argument("--question-column", default=None,
+                        help="question column of a datasets source (with --answer-column): one question per row, "
+                             "scored by VQA; data without captions gets VQA only")
+    parser.add_argument("--answer-column", default=None,
+                        help="answer column of a datasets source (with --question-column); a list of human answers "
+                             "(VQAv2's dicts or strings, TextVQA) adds the official VQAv2 accuracy")
     parser.add_argument("--retrieval-texts", choices=RETRIEVAL_TEXTS, default="caption",
                         help="caption: each image against its caption; references: against all its reference "
                              "captions, an image->text hit being any of them (the COCO/Flickr30k protocol)")
@@ -80,6 +88,8 @@ def _log_histories(specs: Sequence[str], model: str) -> dict[str, list[dict]]:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = _parse_args(argv)
+    if (args.question_column is None) != (args.answer_column is None):
+        raise UserError("--question-column and --answer-column go together; give both, or neither")
     if args.meteor == "on" and shutil.which("java") is None:
         raise UserError("--meteor on needs a `java` executable on PATH; install a JRE or use --meteor auto/off")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -88,7 +98,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         strategy=args.strategy, max_new_tokens=args.max_new_tokens, shuffled=not args.no_shuffled,
         vqa=not args.no_vqa, meteor={"auto": None, "on": True, "off": False}[args.meteor],
         qformer_tokenizer=args.qformer_tokenizer, image_column=args.image_column, caption_column=args.caption_column,
-        id_column=args.id_column, retrieval_texts=args.retrieval_texts,
+        id_column=args.id_column, question_column=args.question_column, answer_column=args.answer_column,
+        retrieval_texts=args.retrieval_texts,
         log_histories=_log_histories(args.trainer_state, args.model), device=args.device,
     )
     logger.info("report in %s/report.md", args.out)

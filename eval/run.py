@@ -9,7 +9,9 @@ with held-out combinations (recorded in its generation.json) each of these is al
 Standard sets (COCO Karpathy test, Flickr30k test) come as one row per image with a list of
 reference captions: the column mapping names the image, caption-list and image-id columns, every
 caption of an image is a captioning reference, and `retrieval_texts="references"` makes each of
-them a retrieval text (the standard protocol).
+them a retrieval text (the standard protocol). VQA sets (VQAv2, TextVQA) come as one row per question
+with a list of human answers and no captions: the question and answer columns are mapped, VQA is scored
+(also by the official VQAv2 accuracy), and captioning and retrieval are skipped.
 """
 
 import logging
@@ -19,6 +21,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
+from cli import UserError
 from data.loading import load_image_text_dataset
 from data.shapes import Holdout, parse_caption, parse_holdout
 from modeling import QFormerConfig
@@ -29,6 +32,7 @@ from .holdout import held_out_question_test, held_out_rows, recorded_holdouts
 from .report import write_report
 from .retrieval import evaluate_retrieval
 from .scene import caption_scene_metrics
+from .tables import markdown_table
 from .vqa import evaluate_vqa
 
 logger = logging.getLogger(__name__)
@@ -41,18 +45,21 @@ RETRIEVAL_TEXTS = ("caption", "references")
 
 def load_rows(
     data: str, split: str | None, max_samples: int | None, *, image_column: str | None = None,
-    caption_column: str | None = None, id_column: str | None = None,
+    caption_column: str | None = None, id_column: str | None = None, question_column: str | None = None,
+    answer_column: str | None = None,
 ) -> list[dict]:
     """The evaluation rows (decoded), at most `max_samples` from the start of the split.
 
     The columns are for `datasets` sources (guessed when None); `caption_column` also names a field of each shard
     sample's .json (default there: the .txt member). `caption_column` may hold a list of captions per image;
     `id_column` names each image: it becomes the row's key (the id in captions.csv) and its duplicate group,
-    so images with different ids never count as each other's duplicates.
+    so images with different ids never count as each other's duplicates. `question_column` and `answer_column`
+    (together) give each row a question-answer pair; an answer column holding a list of human answers (VQAv2,
+    TextVQA) keeps them all in the pair's `answers`. Without a caption column such rows have an empty caption.
     """
     dataset = load_image_text_dataset(
         data, split=split, image_column=image_column, caption_column=caption_column, key_column=id_column,
-        group_column=id_column,
+        group_column=id_column, question_column=question_column, answer_column=answer_column, answer_lists=True,
     )
     if max_samples is not None:
         dataset = dataset.select(range(min(max_samples, len(dataset))))
@@ -84,6 +91,16 @@ def _scene_checks(rows: list[dict], generated: list[str], holdouts: list[Holdout
     return caption_scene_metrics(generated, scenes, holdouts)
 
 
+def _check_vqa_only(rows: list[dict], is_qformer: bool, vqa: bool, data: str) -> None:
+    """Raises `UserError` when rows without captions leave nothing to evaluate."""
+    if is_qformer:
+        raise UserError(f"{data} has no captions, and a stage-1 Q-Former is evaluated by retrieval against captions; "
+                        "give data with captions (--caption-column), or evaluate a VLM for VQA")
+    if not vqa or not any(row.get("qa") for row in rows):
+        raise UserError(f"{data} has no captions and no questions to evaluate; give --caption-column, or "
+                        "--question-column and --answer-column" + (" without --no-vqa" if not vqa else ""))
+
+
 def evaluate_model(
     model_name_or_path: str,
     data: str,
@@ -101,13 +118,16 @@ def evaluate_model(
     image_column: str | None = None,
     caption_column: str | None = None,
     id_column: str | None = None,
+    question_column: str | None = None,
+    answer_column: str | None = None,
     retrieval_texts: str = "caption",
     log_histories: Mapping[str, list[dict]] | None = None,
     device: str | None = None,
 ) -> dict:
     """Runs every evaluation that fits the model and writes the report into `out_dir`.
 
-    `image_column`, `caption_column`, `id_column` map a `datasets` source's columns (see `load_rows`).
+    `image_column`, `caption_column`, `id_column`, `question_column`, `answer_column` map a `datasets` source's
+    columns (see `load_rows`). Rows without captions (a VQA set) get VQA only: captioning and retrieval are skipped.
     `retrieval_texts`: "caption" matches each image with its caption; "references" with every reference caption
     of every image, an image -> text hit being any of its own (COCO/Flickr30k's protocol).
 
@@ -135,9 +155,15 @@ def evaluate_model(
         auto_class = AutoModel if is_qformer else AutoModelForImageTextToText
         model = load_whole_model(auto_class, model_name_or_path, "--model", trust_remote_code=True).to(device)
     rows = load_rows(
-        data, split, max_samples, image_column=image_column, caption_column=caption_column, id_column=id_column
+        data, split, max_samples, image_column=image_column, caption_column=caption_column, id_column=id_column,
+        question_column=question_column, answer_column=answer_column,
     )
-    texts = [reference_captions(row) for row in rows] if retrieval_texts == "references" else None
+    # The loader gives every row a caption or none (question-answer data without a caption column).
+    captioned = any(row["caption"] for row in rows)
+    if not captioned:
+        _check_vqa_only(rows, is_qformer, vqa, data)
+        logger.info("no captions in %s: captioning and retrieval skipped, VQA only", data)
+    texts = [reference_captions(row) for row in rows] if retrieval_texts == "references" and captioned else None
     rules = [parse_holdout(text) for text in holdouts]
     held_out = held_out_rows(rows, rules)
     if held_out is None:
@@ -153,7 +179,9 @@ def evaluate_model(
     if rules:
         metrics["meta"]["holdouts"] = holdouts
 
-    if is_qformer:
+    if not captioned:
+        metrics["vqa"] = evaluate_vqa(model, processor, rows, out_dir, batch_size=batch_size)
+    elif is_qformer:
         metrics["retrieval"] = evaluate_retrieval(
             model, rows, processor.image_processor, processor.tokenizer, out_dir, batch_size=batch_size, texts=texts,
             row_subsets=subsets,
@@ -189,5 +217,32 @@ def evaluate_model(
                 model.qformer, rows, processor.image_processor, tokenizer, out_dir, batch_size=batch_size, texts=texts,
                 row_subsets=subsets,
             )
-    write_report(out_dir, metrics, log_histories)
+    report = write_report(out_dir, metrics, log_histories)
+    if "vqav2_accuracy" in metrics.get("vqa", {}):
+        _add_vqav2_section(report, metrics["vqa"]["vqav2_accuracy"])
     return metrics
+
+
+# The line of report.md that ends its VQA section; the VQAv2 accuracy goes right after it.
+_VQA_SECTION_END = "Every answer is in `vqa.csv`.\n"
+
+
+def _add_vqav2_section(report: Path, scores: Mapping) -> None:
+    """Adds the VQAv2 accuracy (`eval.vqav2_accuracy.vqav2_scores`'s dict) to report.md after its VQA section:
+    overall and per answer type, then per question type when the data gives them."""
+    lines = ["### VQAv2 accuracy", "",
+             f"The official VQAv2 measure over the {scores['num_questions']} questions with human answers: each answer "
+             "scores min(#humans who gave it / 3, 1), averaged over the 10 leave-one-out subsets of the human "
+             "answers. As in the official script, where the human answers disagree all are compared lowercased, "
+             "without punctuation and articles and with number words as digits; where they agree, as written.", ""]
+    for key, title in (("per_answer_type", "answer type"), ("per_question_type", "question type")):
+        per_type = scores[key]
+        if per_type or key == "per_answer_type":
+            rows = [[kind, s["num_questions"], s["accuracy"]] for kind, s in per_type.items()]
+            rows.append(["**all**", scores["num_questions"], scores["accuracy"]])
+            lines += [markdown_table([title, "questions", "VQAv2 accuracy"], rows), ""]
+    text = report.read_text(encoding="utf-8")
+    section = "\n".join(lines) + "\n"
+    at = text.find(_VQA_SECTION_END)
+    at = len(text) if at < 0 else at + len(_VQA_SECTION_END)
+    report.write_text(text[:at] + "\n" + section + text[at:], encoding="utf-8")

@@ -2,16 +2,22 @@
 
 Two scores per question: exact match (the stripped strings are equal) and normalised accuracy
 (equal after `normalize_answer`, in the spirit of the VQA benchmark's answer processing: case,
-punctuation, articles, number words and spacing do not count).
+punctuation, articles, number words and spacing do not count). Questions that come with a list of
+human answers (VQAv2, TextVQA) are also scored by the official VQAv2 accuracy (`eval.vqav2_accuracy`).
 """
 
 import csv
+import json
+import logging
 import re
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .generation import generate_texts
+from .vqav2_accuracy import vqav2_accuracy, vqav2_scores
+
+logger = logging.getLogger(__name__)
 
 _NUMBER_WORDS = {
     word: str(value)
@@ -102,13 +108,16 @@ def evaluate_vqa(
     """Asks the VLM every question of every row (greedy) and scores the answers.
 
     Args:
-        rows: dicts with `"image"` (PIL), `"qa"` (list of `{"question", "answer", "type"}`) and `"key"`.
-        out_dir: when given, `vqa.csv` (id, type, question, answer, prediction, correct) goes there.
+        rows: dicts with `"image"` (PIL), `"qa"` (list of `{"question", "answer", "type"}`, optionally also
+            `"answers"`, the human answers, and `"question_type"`, `"answer_type"`) and `"key"`.
+        out_dir: when given, `vqa.csv` (id, type, question, answer, prediction, correct; with human answers also
+            answers as a JSON list and vqav2_accuracy, empty for a question without them) goes there.
         held_out: tells from a question-answer dict whether it is about a held-out combination; when given,
             the questions are also scored seen vs held out.
 
     Returns:
-        `vqa_accuracy`'s dict.
+        `vqa_accuracy`'s dict; when some question has 2 or more human answers, also `"vqav2_accuracy"`:
+        `vqav2_scores` over those questions.
     """
     asked = [(row, qa) for row in rows for qa in row.get("qa") or []]
     if not asked:
@@ -119,14 +128,45 @@ def evaluate_vqa(
     )
     answers = [qa["answer"] for _, qa in asked]
     types = [qa.get("type") or "unknown" for _, qa in asked]
+    human = [list(qa.get("answers") or []) for _, qa in asked]
+    # Leave-one-out needs two answers; a question with one gets exact match and normalised accuracy only.
+    listed = [i for i in range(len(asked)) if len(human[i]) >= 2]
     if out_dir is not None:
-        path = Path(out_dir) / "vqa.csv"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
-            writer.writerow(["id", "type", "question", "answer", "prediction", "correct"])
-            for (row, qa), kind, prediction in zip(asked, types, predictions):
-                correct = normalize_answer(prediction) == normalize_answer(qa["answer"])
-                writer.writerow([row.get("key", ""), kind, qa["question"], qa["answer"], prediction, int(correct)])
+        _write_csv(Path(out_dir) / "vqa.csv", asked, types, predictions, human if listed else None)
     flags = [held_out(qa) for _, qa in asked] if held_out is not None else None
-    return vqa_accuracy(predictions, answers, types, flags)
+    scores = vqa_accuracy(predictions, answers, types, flags)
+    if listed:
+        if len(listed) < len(asked):
+            logger.warning("VQAv2 accuracy over %d of %d questions: the others have fewer than 2 human answers",
+                           len(listed), len(asked))
+        scores["vqav2_accuracy"] = vqav2_scores(
+            [predictions[i] for i in listed], [human[i] for i in listed],
+            _types_of([asked[i][1] for i in listed], "question_type"),
+            _types_of([asked[i][1] for i in listed], "answer_type"),
+        )
+    return scores
+
+
+def _types_of(pairs: Sequence[dict], field: str) -> list[str | None] | None:
+    """Each pair's `field`, or None when no pair has one (the data gives no such types)."""
+    values = [qa.get(field) for qa in pairs]
+    return values if any(values) else None
+
+
+def _write_csv(
+    path: Path, asked: Sequence[tuple[dict, dict]], types: Sequence[str], predictions: Sequence[str],
+    human: Sequence[list[str]] | None,
+) -> None:
+    """`vqa.csv`: one line per question; with `human` (each question's human answers) two more columns."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["id", "type", "question", "answer", "prediction", "correct"]
+                        + (["answers", "vqav2_accuracy"] if human is not None else []))
+        for index, ((row, qa), kind, prediction) in enumerate(zip(asked, types, predictions)):
+            correct = normalize_answer(prediction) == normalize_answer(qa["answer"])
+            line = [row.get("key", ""), kind, qa["question"], qa["answer"], prediction, int(correct)]
+            if human is not None:
+                answers = human[index]
+                line += [json.dumps(answers), vqav2_accuracy(prediction, answers) if len(answers) >= 2 else ""]
+            writer.writerow(line)
