@@ -7,7 +7,8 @@
 # Pass 1 runs every case eagerly (fast, so a short GPU window always yields numbers); pass 2 repeats them with
 # torch.compile on "ours", which is the compile on/off comparison. Each case's JSON line is flushed as it finishes,
 # so a pass cut short by a timeout keeps what it measured. The loader benchmark runs only where `datasets` is
-# installed (it is not on the GPU box; run it on any machine with the project's environment).
+# installed (it is not on the GPU box; run it on any machine with the project's environment). The padding benchmark
+# (length grouping against random batches) needs no GPU and takes seconds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
@@ -34,5 +35,7 @@ if "$PYTHON" -c "import datasets" 2>/dev/null; then
 else
   echo "== data loading skipped: no 'datasets' here ==" >&2
 fi
+echo "== padding with and without length grouping (CPU, seconds) ==" >&2
+timeout "$PASS_TIMEOUT" "$PYTHON" -m benchmarks.padding | tee "$OUT/padding.jsonl" || status=$?
 echo "results in $OUT" >&2
 exit "$status"

@@ -65,3 +65,30 @@ def test_dataloading_smoke_on_cpu():
     for result in results:
         assert_finite_numbers(result)
         assert result["pairs"] == 8 and result["pairs_per_s_per_core"] > 0
+
+
+PADDING_KEYS = {"case", "batch", "padding_fraction_random", "padding_fraction_grouped", "padding_ratio",
+                "padding_fraction_sorted", "tokens_per_batch", "positions_per_batch_random",
+                "positions_per_batch_grouped", "padding_fraction_random_2proc", "padding_fraction_grouped_2proc",
+                "padding_fraction_grouped_2proc_distributed_sampler"}
+
+
+def test_padding_smoke():
+    # 1600 is a multiple of every batch size, so the whole set sorted is a floor for any order. Grouped is the same
+    # seeded permutation with each megabatch sorted, which cannot add padding inside a megabatch; only the swap of
+    # the longest conversation into the first batch could, far less than this seed's margin.
+    args = ("--samples", "1600", "--batch-sizes", "8,16,32", "--seed", "0")
+    summary, *rows = run_json_lines("benchmarks.padding", *args)
+    assert summary["case"] == "padding/lengths" and summary["samples"] == 1600
+    assert 0 < summary["text_only_share"] < 1 and summary["min"] < summary["median"] < summary["max"] <= 2048
+    assert [r["batch"] for r in rows] == [8, 16, 32]
+    for r in rows:
+        assert PADDING_KEYS <= r.keys(), r["case"]
+        assert_finite_numbers(r)
+        assert r["padding_fraction_sorted"] <= r["padding_fraction_grouped"] < r["padding_fraction_random"] < 1
+        assert r["padding_fraction_grouped_2proc"] < r["padding_fraction_random_2proc"]
+        assert r["tokens_per_batch"] <= r["positions_per_batch_grouped"] < r["positions_per_batch_random"]
+    # Seeded: the same arguments give the same figures in this process too.
+    from benchmarks.padding import main
+
+    assert main(list(args)) == [summary, *rows]
