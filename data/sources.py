@@ -21,11 +21,13 @@ EXPECTED = (
 
 
 def pick_split(loaded: Any, split: str | None, source: str) -> Dataset | IterableDataset:
-    """One split of what `load_dataset`/`load_from_disk` returned; None takes the only one, or "train"."""
+    """One split of what `load_dataset`/`load_from_disk` returned; None takes "train". A source of one split is that
+    split whatever the name (a parquet or JSON file is all "train" to `datasets`, and given as evaluation data it is
+    the evaluation split), as a folder of shards is."""
     if isinstance(loaded, (Dataset, IterableDataset)):
         return loaded
     names = list(loaded.keys())
-    if split is None and len(names) == 1:
+    if len(names) == 1:
         return loaded[names[0]]
     if (split or "train") in names:
         return loaded[split or "train"]

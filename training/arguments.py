@@ -234,9 +234,43 @@ class VLMModelArguments:
 class DataArguments:
     """Where the image-text pairs come from (see data.loading.load_image_text_dataset) and how they are batched."""
 
-    train_data: str = field(metadata={"help": "Shard folder, image folder, local dataset or Hub dataset name."})
+    train_data: str = field(
+        metadata={"help": "Shard folder, image folder, local dataset or Hub dataset name; stage 2 also reads "
+                          "conversation data (see data_format): a LLaVA .json/.jsonl file, parquet files, a "
+                          "save_to_disk folder or a Hub dataset."}
+    )
     eval_data: str | None = field(default=None, metadata={"help": "Same kinds as train_data; default: a split of it."})
     eval_size: int = field(default=1000, metadata={"help": "Held-out samples when eval_data is not given."})
+    dataset_config_name: str | None = field(
+        default=None, metadata={"help": "Configuration of a Hub dataset (e.g. the_cauldron's 'vqav2')."}
+    )
+    data_format: Literal["auto", "image_text", "llava", "cauldron", "messages", "vqa"] = field(
+        default="auto",
+        metadata={"help": "Stage 2: how train_data and eval_data are laid out. image_text: one image, a caption and "
+                          "question-answer pairs per sample (shards, image folders, caption datasets). llava: "
+                          "`conversations` of human/gpt turns and an `image` path (LLaVA JSON). cauldron: `images` + "
+                          "`texts` of user/assistant pairs (the_cauldron, FineVision). messages: `messages` + `images` "
+                          "(TRL). vqa: a question column and an answer (or answer list) column. auto: told from the "
+                          "files and columns."},
+    )
+    image_folder: str | None = field(
+        default=None, metadata={"help": "Stage 2: the folder that the data's relative image paths are under (LLaVA)."}
+    )
+    question_column: str | None = field(
+        default=None, metadata={"help": "Stage 2, VQA data: the question column (unset: question)."}
+    )
+    answer_column: str | None = field(
+        default=None, metadata={"help": "Stage 2, VQA data: the answer column (unset: answers, else answer); a list of "
+                                        "human answers trains on the most frequent one."}
+    )
+    min_ratings: str | None = field(
+        default=None,
+        metadata={"help": "Stage 2, FineVision: minimum per-turn ratings, e.g. 'relevance=3,formatting=2' (columns "
+                          "<name>_ratings, 1-5); turns rated lower are dropped, samples left without turns skipped."},
+    )
+    max_images_per_sample: int | None = field(
+        default=None, metadata={"help": "Stage 2: samples with more images are skipped and counted (unset: no limit)."}
+    )
     image_column: str | None = field(
         default=None, metadata={"help": "Image column of a datasets source (guessed when unset: an Image column)."}
     )
@@ -294,7 +328,21 @@ class DataArguments:
                           "vision encoder is not run in training. Needs freeze_vision."},
     )
 
+    def min_ratings_dict(self) -> dict[str, int] | None:
+        """`min_ratings` as {rating name: minimum}."""
+        if not self.min_ratings:
+            return None
+        ratings = {}
+        for item in self.min_ratings.split(","):
+            name, _, value = item.partition("=")
+            if not name.strip() or not value.strip().isdigit():
+                raise UserError(f"min_ratings entry {item!r} is not name=value; write e.g. 'relevance=3,formatting=2'")
+            ratings[name.strip()] = int(value)
+        return ratings
+
     def __post_init__(self):
+        self.min_ratings_dict()
+        check_at_least({"max_images_per_sample": self.max_images_per_sample}, 0)
         check_at_least({"eval_size": self.eval_size, "max_train_samples": self.max_train_samples,
                         "max_eval_samples": self.max_eval_samples,
                         "preprocessing_num_workers": self.preprocessing_num_workers}, 1)

@@ -1,8 +1,9 @@
 """The steps every training stage shares, in the order its script runs them.
 
 1. `start_stage`: arguments (YAML file + command line; a Hub token never stays in them), logging, seed.
-2. `load_splits`: the training and evaluation splits through the one loading path (`data.loading`), bad samples
-   counted and logged; `text_corpus`: the texts a tiny preset's tokenizers are trained on.
+2. `load_splits`: the training and evaluation splits through the one loading path of their kind (image-text data:
+   `data.loading`; conversations: `training.conversation_data`), bad samples counted and logged; `text_corpus`:
+   the texts a tiny preset's tokenizers are trained on.
 3. (each script: its model, batches and Trainer)
 4. `run_stage`: train (resuming if asked), evaluate, save (with the model card), push to the Hub if asked; a
    preemption signal ends it after a checkpoint instead (`training.preemption`).
@@ -14,17 +15,21 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from functools import partial
 
 import torch
 import transformers
 from datasets import Dataset
 from transformers import Trainer, TrainingArguments, set_seed
 
+from cli import UserError
 from data.cleaning import CleaningOptions
+from data.conversations import IMAGE_PLACEHOLDER
 from data.loading import SkipReport, load_image_text_dataset, split_train_eval
 from data.streaming import ShardStream
 
 from .arguments import DataArguments, parse_args
+from .conversation_data import IMAGE_TEXT, data_format, load_conversation_splits
 from .preemption import PreemptionCallback, TrainingPreempted
 
 logger = logging.getLogger(__name__)
@@ -72,16 +77,31 @@ def start_stage(model_arguments_class: type, argv: list[str] | None):
     return model_args, data_args, training_args
 
 
-def load_splits(data_args: DataArguments, training_args: TrainingArguments) -> tuple[Dataset | ShardStream, Dataset]:
+def load_splits(
+    data_args: DataArguments, training_args: TrainingArguments, conversations: bool = False
+) -> tuple[Dataset | ShardStream, Dataset]:
     """The train split and the evaluation split (`eval_data`, or a duplicate-safe hold-out of `train_data`).
+
+    With `conversations` (stage 2), sources in a conversation format (`training.conversation_data.data_format`)
+    are read as conversations; image-text sources stay image-text rows either way.
 
     Bad samples are dropped by the loader, counted by reason and logged here. With `streaming`, the train split is
     a `ShardStream` of this process's share of the shards (nothing is read yet); evaluation stays map-style.
     """
-    report = SkipReport()
     columns = {"image_column": data_args.image_column, "caption_column": data_args.caption_column,
                "negative_captions_column": data_args.negative_captions_column,
                "num_proc": data_args.preprocessing_num_workers}
+    formats = [data_format(source, data_args) if source and conversations else IMAGE_TEXT
+               for source in (data_args.train_data, data_args.eval_data)]
+    if any(f != IMAGE_TEXT for f in formats):
+        if data_args.streaming:
+            raise UserError("streaming reads webdataset shards; conversation data (data_format "
+                            f"{formats[0]}) is loaded map-style: set streaming: false")
+        train, evaluation = load_conversation_splits(
+            data_args, training_args, tuple(formats),
+            partial(_image_text_split, columns=columns))
+        return _capped(train, evaluation, data_args)
+    report = SkipReport()
     if data_args.streaming:
         train = ShardStream.from_source(
             data_args.train_data, seed=training_args.seed, buffer_size=data_args.shuffle_buffer_size,
@@ -101,6 +121,17 @@ def load_splits(data_args: DataArguments, training_args: TrainingArguments) -> t
         parts = split_train_eval(full, eval_size=data_args.eval_size, seed=training_args.seed)
         train, evaluation = parts["train"], parts["eval"]
     report.log(logger, prefix="data: ")
+    return _capped(train, evaluation, data_args)
+
+
+def _image_text_split(source: str, split: str, columns: dict) -> Dataset:
+    report = SkipReport()
+    dataset = load_image_text_dataset(source, split=split, report=report, **columns)
+    report.log(logger, prefix=f"{source}: ")
+    return dataset
+
+
+def _capped(train: Dataset, evaluation: Dataset, data_args: DataArguments) -> tuple[Dataset, Dataset]:
     if data_args.max_train_samples is not None:
         train = train.select(range(min(data_args.max_train_samples, len(train))))
     if data_args.max_eval_samples is not None:
@@ -110,7 +141,10 @@ def load_splits(data_args: DataArguments, training_args: TrainingArguments) -> t
 
 
 def text_corpus(dataset: Dataset | ShardStream) -> list[str]:
-    """Every caption, reference, question and answer: what a tiny preset's tokenizers are trained on."""
+    """Every caption, reference, question and answer (of conversations: every turn's text without image
+    placeholders): what a tiny preset's tokenizers are trained on."""
+    if isinstance(dataset, Dataset) and "turns" in dataset.column_names:
+        return [turn["text"].replace(IMAGE_PLACEHOLDER, "") for turns in dataset["turns"] for turn in turns]
     texts = []
     rows = dataset.text_rows() if isinstance(dataset, ShardStream) else dataset.select_columns(
         ["caption", "references", "qa", "negative_captions"])

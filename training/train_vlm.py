@@ -15,13 +15,15 @@ from pathlib import Path
 
 from transformers import TrainerCallback, TrainingArguments
 
-from cli import run_command
+from cli import UserError, run_command
+from data.conversations import IMAGE_PLACEHOLDER
 from eval.generation import CAPTION_PROMPT, generate_texts
 from modeling.lora import save_adapter
 
 from .arguments import DataArguments, VLMModelArguments
 from .checkpoints import resolve_resume_checkpoint
 from .conversation_collator import ConversationCollator
+from .conversation_data import length_column
 from .device_normalize import DeviceNormalizeMixin
 from .feature_cache import with_feature_cache
 from .fsdp import wrap_declared_layers
@@ -40,11 +42,29 @@ class VLMTrainer(StreamingTrainerMixin, DeviceNormalizeMixin, ModelCardTrainerMi
     pass
 
 
-class SampleCaptionsCallback(TrainerCallback):
-    """After each evaluation, captions a fixed handful of evaluation images and logs them next to the references."""
+def sample_prompts(dataset, count: int = 4) -> list[tuple[object, str, str]]:
+    """(image, prompt, reference) for the first `count` one-image samples of `dataset`: the captioning prompt and
+    the caption of an image-text sample, the first question and answer of a conversation."""
+    samples = []
+    for i in range(len(dataset)):
+        if len(samples) == count:
+            break
+        row = dataset[i]
+        if "turns" not in row:
+            samples.append((row["image"], CAPTION_PROMPT, row["caption"]))
+        elif len(row["images"]) == 1:
+            samples.append((row["images"][0], row["turns"][0]["text"].replace(IMAGE_PLACEHOLDER, "").strip(),
+                            row["turns"][1]["text"]))
+    return samples
 
-    def __init__(self, trainer: VLMTrainer, rows: list[dict], processor, max_new_tokens: int = 40):
-        self.trainer, self.rows, self.processor, self.max_new_tokens = trainer, rows, processor, max_new_tokens
+
+class SampleCaptionsCallback(TrainerCallback):
+    """After each evaluation, answers a fixed handful of evaluation prompts (captions, or a conversation's first
+    question) and logs the answers next to the references."""
+
+    def __init__(self, trainer: VLMTrainer, samples: list[tuple[object, str, str]], processor,
+                 max_new_tokens: int = 40):
+        self.trainer, self.samples, self.processor, self.max_new_tokens = trainer, samples, processor, max_new_tokens
 
     def on_evaluate(self, args, state, control, **kwargs):
         # A model sharded by FSDP runs a forward pass only with every process taking part: all of them generate.
@@ -52,14 +72,14 @@ class SampleCaptionsCallback(TrainerCallback):
             return
         model = self.trainer.model
         was_training = model.training
+        images, prompts, references = zip(*self.samples)
         # Greedy, so no seed: the training run's random streams stay untouched.
-        generated = generate_texts(model, self.processor, [r["image"] for r in self.rows],
-                                   [CAPTION_PROMPT] * len(self.rows), batch_size=len(self.rows),
+        generated = generate_texts(model, self.processor, images, prompts, batch_size=len(self.samples),
                                    max_new_tokens=self.max_new_tokens, seed=None, desc="sample captions")
         model.train(was_training)
         if not state.is_world_process_zero:
             return
-        samples = [(row["caption"], text) for row, text in zip(self.rows, generated)]
+        samples = list(zip(references, generated))
         self.trainer.card_samples = samples
         text = "\n".join(f"  reference: {ref}\n  generated: {gen}" for ref, gen in samples)
         logger.info("sample captions at step %d:\n%s", state.global_step, text)
@@ -95,21 +115,34 @@ def build_trainer(
     # The checkpoint to resume from, if any (first: a wrong --resume_from_checkpoint fails before any work).
     resume_from = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
 
-    # Data: the training and evaluation splits.
-    train_dataset, eval_dataset = load_splits(data_args, training_args)
+    # Data: the training and evaluation splits (image-text samples, or conversations of any supported format).
+    train_dataset, eval_dataset = load_splits(data_args, training_args, conversations=True)
 
     # Model: a saved VLM, or the stage-1 Q-Former + adapter + language model, with LoRA when asked for.
     model, processor = build_stage2_model(model_args, partial(text_corpus, train_dataset), resume_from)
     log_parameter_count(model, "stage-2")
 
-    # Batches: a chat conversation per image (caption and question-answer turns), loss on the answers only;
-    # checked against the data now, not at the batch that would fail.
+    # Batches: a chat conversation per sample (the data's own, or an image's caption and question-answer turns), loss
+    # on the answers only; checked against the data now, not at the batch that would fail.
     collator = ConversationCollator(processor, max_length=data_args.max_length, qa_turns=data_args.qa_turns,
                                   seed=training_args.seed, pixel_format=data_args.pixel_format,
                                   separate_turns=data_args.separate_turns)
+    conversations = "turns" in eval_dataset.column_names
+    if data_args.streaming and training_args.train_sampling_strategy == "group_by_length":
+        raise UserError("train_sampling_strategy group_by_length needs every sample's length before training; a "
+                        "stream has none: leave it out, or set streaming: false")
+    if conversations or training_args.train_sampling_strategy == "group_by_length":
+        # Each sample's tokens (text + image tokens): conversations longer than max_length are dropped and counted
+        # here, and length-grouped batches read them.
+        train_dataset, eval_dataset = (
+            length_column(dataset, collator, name, data_args.preprocessing_num_workers)
+            for dataset, name in ((train_dataset, "the training data"), (eval_dataset, "the evaluation data")))
     collator.check_dataset(rows_to_check(train_dataset), "the training data")
     trainer_eval_dataset = eval_dataset  # the sample-captions callback below keeps the decoded images
     if data_args.feature_cache:
+        if conversations:
+            raise UserError("feature_cache holds one image's features per image-text sample; conversation data "
+                            "is read from its images: leave feature_cache out")
         collator, train_dataset, trainer_eval_dataset = with_feature_cache(
             collator, (train_dataset, eval_dataset), data_args.feature_cache, model, processor.image_processor,
             training_args.bf16)
@@ -127,8 +160,9 @@ def build_trainer(
         param_group_lrs=[(QFORMER_WEIGHTS, model_args.qformer_learning_rate)],
     )
     trainer.card_info = {"dataset": data_args.train_data, "base_models": [model_args.language_model_name_or_path]}
-    sample_rows = [eval_dataset[i] for i in range(min(4, len(eval_dataset)))]
-    trainer.add_callback(SampleCaptionsCallback(trainer, sample_rows, processor))
+    samples = sample_prompts(eval_dataset)
+    if samples:
+        trainer.add_callback(SampleCaptionsCallback(trainer, samples, processor))
     wrap_declared_layers(trainer)
     return trainer, resume_from
 
