@@ -18,6 +18,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from datasets import Dataset, Features, List, Value
+from datasets import Image as ImageFeature
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -30,7 +32,7 @@ STAGE1, STAGE2 = "configs/tiny/stage1.yaml", "configs/tiny/stage2.yaml"
 PROGRESS_BAR = re.compile(r"\d+%\|.*\| \d+/\d+ ")
 # What `_world` makes, by name.
 WORLD = ("shapes", "qformer", "vlm", "llama", "truncated", "no_weights", "foreign", "empty", "garbage.parquet",
-         "captions", "run", "syntax.yaml", "types.yaml", "unknown.yaml")
+         "captions", "run", "syntax.yaml", "types.yaml", "unknown.yaml", "llava.json", "vqa.parquet")
 
 
 def _world(root: Path) -> dict[str, str]:
@@ -63,6 +65,13 @@ def _world(root: Path) -> dict[str, str]:
         for i in range(6):
             Image.new("RGB", (32, 32), (40 * i, 90, 200)).save(root / "captions" / f"{i}.png")
             f.write(json.dumps({"file_name": f"{i}.png", "text": f"a picture number {i}"}) + "\n")
+    # Conversation data: LLaVA JSON naming its image relative to a folder; VQA columns with ten answers per question.
+    (root / "llava.json").write_text(json.dumps([{"id": "0", "image": "0.png", "conversations": [
+        {"from": "human", "value": "<image>\nwhat color is it?"}, {"from": "gpt", "value": "blue"}]}]))
+    Dataset.from_dict({"image": [{"bytes": (root / "captions" / "0.png").read_bytes(), "path": None}],
+                       "question": ["what color is it?"], "answers": [["blue"] * 10]},
+                      features=Features({"image": ImageFeature(), "question": Value("string"),
+                                         "answers": List(Value("string"))})).to_parquet(str(root / "vqa.parquet"))
     (root / "run" / "checkpoint-7").mkdir(parents=True)  # a save that died before trainer_state.json
     (root / "syntax.yaml").write_text("train_data: x\nmax_steps: 5\n  learning_rate: 0.1\n")  # indented
     (root / "types.yaml").write_text("train_data: x\nnum_query_tokens: many\n")
@@ -134,6 +143,13 @@ def _cases(w: dict[str, str], out: str) -> dict[str, tuple[list[str], list[str]]
                                 ["warmup_stable_decay", "num_decay_steps"]),
         "question turns without questions": ([*v, *v_args, "--train_data", w["captions"]],
                                              ["qa_turns: 5", "qa_turns: 0"]),
+        "conversation format typo": ([*v, *v_args, "--data_format", "lava"], ["--data_format", "lava"]),
+        "LLaVA data without its image folder": ([*v, *v_args, "--train_data", w["llava.json"]],
+                                                ["relative paths", "'0.png'", "--image_folder"]),
+        "VQA answer column typo": ([*v, *v_args, "--train_data", w["vqa.parquet"], "--answer_column", "answer"],
+                                   ["answer column 'answer' not found", "did you mean answers", "--answer_column"]),
+        "ratings not name=value": ([*v, *v_args, "--min_ratings", "relevance"],
+                                   ["min_ratings", "'relevance'", "relevance=3"]),
         "eval model typo": ([*evaluate, "--model", w["vlm"] + "2", "--data", w["shapes"]],
                             ["--model", "no such file or folder", f"did you mean {w['vlm']}"]),
         "eval a model saved by other code": ([*evaluate, "--model", w["foreign"], "--data", w["shapes"], "--split",
