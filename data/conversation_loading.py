@@ -19,10 +19,10 @@ from typing import Any
 
 from datasets import Dataset, Features, Image, LargeList, List, Value
 
-from cli import UserError, check_at_least, closest, missing_path
+from cli import UserError, check_at_least, missing_path
 
 from . import conversation_readers, conversations, sanitize
-from .conversation_readers import CONVERSATION_FORMATS, Fields, detect_format, read_record, resolve_fields
+from .conversation_readers import CONVERSATION_FORMATS, Fields, check_format, detect_format, read_record, resolve_fields
 from .conversations import (
     CHECKED_FEATURES,
     CONVERSATION_MALFORMED,
@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 RECORD_NOT_JSON = "record not valid JSON"
 _JSON_EXTENSIONS = (".json", ".jsonl")
-_RECORD = "record"  # a JSON file's only column: each record as JSON text
+RECORD_FIELD = "record"  # a JSON file's only column: each record as JSON text
 _KEY_FIELD = "id"
 
 
@@ -63,7 +63,7 @@ def _json_texts(path: str) -> list[str]:
         whole = json.loads(text)
     except ValueError as err:
         lines = [line for line in text.splitlines() if line.strip()]
-        if not any(_parsed(line) is not None for line in lines):
+        if not any(parsed_json(line) is not None for line in lines):
             raise UserError(
                 f"cannot read {path}: it is neither a JSON list of records nor JSON lines ({err})"
             ) from err
@@ -71,7 +71,7 @@ def _json_texts(path: str) -> list[str]:
     return [json.dumps(record) for record in whole] if isinstance(whole, list) else [text]
 
 
-def _parsed(text: str) -> Any:
+def parsed_json(text: str) -> Any:
     try:
         return json.loads(text)
     except ValueError:
@@ -80,18 +80,18 @@ def _parsed(text: str) -> Any:
 
 def _json_rows(texts: list[str]):
     for text in texts:
-        yield {_RECORD: text}
+        yield {RECORD_FIELD: text}
 
 
 def _open(source: str, *, split: str | None, config_name: str | None, cache_dir: str | None):
     """(raw dataset, its records' fields, a function giving one field's values over all records, from JSON?)."""
     if os.path.isfile(source) and source.lower().endswith(_JSON_EXTENSIONS):
         texts = _json_texts(source)
-        records = [record if isinstance(record, dict) else {} for record in map(_parsed, texts)]
+        records = [record if isinstance(record, dict) else {} for record in map(parsed_json, texts)]
         fields = list(dict.fromkeys(name for record in records for name in record))
         stat = os.stat(source)
         raw = Dataset.from_generator(
-            _json_rows, features=Features({_RECORD: Value("string")}), gen_kwargs={"texts": texts},
+            _json_rows, features=Features({RECORD_FIELD: Value("string")}), gen_kwargs={"texts": texts},
             cache_dir=cache_dir, fingerprint=_fingerprint(os.path.abspath(source), stat.st_size, stat.st_mtime_ns),
         )
         return raw, fields, lambda name: [record.get(name) for record in records], True
@@ -99,7 +99,7 @@ def _open(source: str, *, split: str | None, config_name: str | None, cache_dir:
     return raw, list(raw.column_names), lambda name: raw[name], False
 
 
-def _is_image(feature: Any) -> bool:
+def is_image_feature(feature: Any) -> bool:
     if isinstance(feature, (List, LargeList)):
         feature = feature.feature
     return isinstance(feature, Image)
@@ -110,12 +110,12 @@ def _undecoded(raw: Dataset) -> Dataset:
     for name, feature in raw.features.items():
         if isinstance(feature, Image):
             raw = raw.cast_column(name, Image(decode=False))
-        elif _is_image(feature):
+        elif is_image_feature(feature):
             raw = raw.cast_column(name, type(feature)(Image(decode=False)))
     return raw
 
 
-def _check_image_paths(values: Any, image_folder: str | None, source: str) -> None:
+def check_image_paths(values: Any, image_folder: str | None, source: str) -> None:
     if image_folder is not None:
         if not os.path.isdir(image_folder):
             raise missing_path("--image_folder", image_folder, "the folder the image paths of the data are under")
@@ -142,11 +142,11 @@ def _renamed_keys(ids: Any) -> dict[int, str]:
     return renamed
 
 
-def _check_row(
+def check_row(
     row: dict[str, Any], index: int, *, fields: Fields, image_folder: str | None, from_json: bool,
     renamed: dict[int, str], max_images_per_sample: int | None,
 ) -> dict[str, Any]:
-    record = _parsed(row[_RECORD]) if from_json else dict(row)  # `map` passes a lazy row, not a dict
+    record = parsed_json(row[RECORD_FIELD]) if from_json else dict(row)  # `map` passes a lazy row, not a dict
     ident = record.get(_KEY_FIELD) if isinstance(record, dict) else None
     key = renamed.get(index) or (str(ident) if ident is not None else str(index))
     if not isinstance(record, dict):
@@ -212,28 +212,24 @@ def load_conversations(
         cache_dir: `datasets` cache folder for a JSON file's records.
         report: a `SkipReport` to fill with what was kept, skipped and repaired.
     """
-    if format not in ("auto", *CONVERSATION_FORMATS):
-        raise UserError(
-            f"unknown conversation format {format!r}{closest(format, CONVERSATION_FORMATS)}; "
-            f"expected auto or one of {', '.join(CONVERSATION_FORMATS)}"
-        )
+    check_format(format)
     check_at_least({"max_images_per_sample": max_images_per_sample}, 0)
     report = report if report is not None else SkipReport()
     raw, names, values, from_json = _open(source, split=split, config_name=config_name, cache_dir=cache_dir)
     if format == "auto":
         format = "vqa" if question_column or answer_column else detect_format(names, source)
-    image_types = tuple(n for n, f in raw.features.items() if _is_image(f))
+    image_types = tuple(n for n, f in raw.features.items() if is_image_feature(f))
     fields = resolve_fields(
         format, names, source=source, image_types=image_types, image_column=image_column,
         question_column=question_column, answer_column=answer_column, min_ratings=min_ratings,
     )
     if fields.image is not None and fields.image not in image_types:
-        _check_image_paths(values(fields.image), image_folder, source)
+        check_image_paths(values(fields.image), image_folder, source)
     renamed = _renamed_keys(values(_KEY_FIELD) if _KEY_FIELD in names else [])
     raw = _undecoded(raw)
     folder = os.path.abspath(image_folder) if image_folder else None
     checked = raw.map(
-        _check_row, with_indices=True, remove_columns=raw.column_names, features=CHECKED_FEATURES,
+        check_row, with_indices=True, remove_columns=raw.column_names, features=CHECKED_FEATURES,
         fn_kwargs={"fields": fields, "image_folder": folder, "from_json": from_json, "renamed": renamed,
                    "max_images_per_sample": max_images_per_sample},
         num_proc=num_proc, desc="checking conversations",

@@ -36,6 +36,8 @@ FORMAT_FIELDS = {
     "messages": "messages, optional images or image",
     "vqa": "question, answers or answer, an image column",
 }
+# Where each format keeps its images unless told otherwise (`--image_column`), first match wins; VQA guesses.
+IMAGE_FIELDS = {"llava": ("image",), "cauldron": ("images",), "messages": ("images", "image")}
 _KNOWN_FIELDS = ("conversations", "image", "texts", "images", "messages", "question", "answers", "answer")
 RATINGS_SUFFIX = "_ratings"
 _LLAVA_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
@@ -67,6 +69,15 @@ class Draft(NamedTuple):
 
 def _formats_line() -> str:
     return "; ".join(f"{name} ({fields})" for name, fields in FORMAT_FIELDS.items())
+
+
+def check_format(format: str) -> None:
+    """`UserError` unless `format` is "auto" or one of `CONVERSATION_FORMATS`."""
+    if format not in ("auto", *CONVERSATION_FORMATS):
+        raise UserError(
+            f"unknown conversation format {format!r}{closest(format, CONVERSATION_FORMATS)}; "
+            f"expected auto or one of {', '.join(CONVERSATION_FORMATS)}"
+        )
 
 
 def detect_format(fields: Any, source: str = "the data") -> str:
@@ -143,8 +154,7 @@ def resolve_fields(
     if image_column is not None:
         image = _column(names, image_column, "image", "--image_column", source)
     else:
-        defaults = {"llava": ("image",), "cauldron": ("images",), "messages": ("images", "image")}[format]
-        image = next((n for n in defaults if n in names), None)
+        image = next((n for n in IMAGE_FIELDS[format] if n in names), None)
     return Fields(format, image=image, min_ratings=_ratings(names, min_ratings or {}, source))
 
 

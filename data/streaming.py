@@ -49,7 +49,12 @@ _DECODE = datasets.Image(mode="RGB")
 
 
 class _Shard:
-    """One tar opened for random access: its samples (key -> members, in file order), read one by one."""
+    """One tar opened for random access: its samples (key -> members, in file order), read one by one.
+
+    What `ShardStream` asks of an opened shard (`ShardStream._open` makes them; other streams open other kinds):
+    `len()` (its samples), `problem` (None, or what made part of it unreadable), `read(index)` (the sample, for
+    `ShardStream._clean`), `skip(index)` (a draw replayed on resume: not read), `close()`.
+    """
 
     def __init__(self, ref: ShardRef):
         self.ref = ref
@@ -73,6 +78,12 @@ class _Shard:
             self.problem = f"{ref.path}: {err}"
             if self.samples:
                 self.samples.pop()
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def skip(self, index: int) -> None:
+        pass  # a tar member is read on its own: nothing to keep or free
 
     def read(self, index: int) -> tuple[str, dict[str, bytes]]:
         key, members = self.samples[index]
@@ -215,14 +226,14 @@ class ShardStream(torch.utils.data.IterableDataset):
 
         def counts() -> Iterator[int]:
             for i, ref in enumerate(refs):
-                shard = opened[i] = _Shard(ref)
-                left[i] = len(shard.samples)
+                shard = opened[i] = self._open(ref)
+                left[i] = len(shard)
                 if shard.problem is not None and done >= replayed:  # counted before the checkpoint otherwise
                     logger.warning("shard %s; going on with the next one", shard.problem)
                     position.skipped["shard truncated or corrupt"] += 1
-                if not shard.samples:
+                if not left[i]:
                     opened.pop(i).close()
-                yield len(shard.samples)
+                yield left[i]
 
         rng = random.Random(seeded_hash(f"samples/{position.epoch}/{slot}", self.seed, bits=63))
         try:
@@ -230,32 +241,45 @@ class ShardStream(torch.utils.data.IterableDataset):
                 shard = opened[i]
                 left[i] -= 1
                 if done > replayed:
-                    row = self._clean(*shard.read(index), position)
+                    row = self._clean(shard.read(index), position)
                     position.drawn = done
                     if row is not None:
                         row[STATE_COLUMN] = {"slot": slot, "epoch": position.epoch, "drawn": done,
                                              "skipped": dict(position.skipped)}
                         yield row
+                else:
+                    shard.skip(index)
                 if not left[i]:
                     opened.pop(i).close()
         finally:
             for shard in opened.values():
                 shard.close()
 
-    def _clean(self, key: str, files: dict[str, bytes], position: StreamPosition) -> dict | None:
-        """The cleaned row with its image decoded, or None (counted in `position.skipped`) for a bad sample."""
-        row = sample_from_files(key, files, self.options)
-        reason = row.pop("_skip")
+    def _open(self, ref: ShardRef) -> _Shard:
+        """`ref` opened for reading its samples by index (see `_Shard` for what the stream asks of it)."""
+        return _Shard(ref)
+
+    def _clean(self, sample: tuple[str, dict[str, bytes]], position: StreamPosition) -> dict | None:
+        """The cleaned row of what the shard read, its image decoded; None (counted in `position.skipped`) for a
+        bad sample."""
+        row = sample_from_files(*sample, self.options)
         row.pop("_shard_problem")
-        for repair in row.pop("_repairs"):
-            position.skipped[f"repaired: {repair}"] += 1
-        if reason is not None:
-            if not any(not r.startswith("repaired: ") for r in position.skipped):
-                logger.warning("skipping %s: %s (later ones are only counted)", key, reason)
-            position.skipped[reason] += 1
+        if not self._count(row["key"], row.pop("_skip"), row.pop("_repairs"), position):
             return None
         row["image"] = _DECODE.decode_example(row["image"])
         return row
+
+    @staticmethod
+    def _count(key: str, reason: str | None, repairs: list[str], position: StreamPosition) -> bool:
+        """Counts a sample's repairs and its skip reason in `position.skipped`; True when it is kept."""
+        for repair in repairs:
+            position.skipped[f"repaired: {repair}"] += 1
+        if reason is None:
+            return True
+        if not any(not r.startswith("repaired: ") for r in position.skipped):
+            logger.warning("skipping %s: %s (later ones are only counted)", key, reason)
+        position.skipped[reason] += 1
+        return False
 
 
 __all__ = ["STATE_COLUMN", "ShardStream", "StreamPosition", "draw_order"]
