@@ -309,9 +309,10 @@ class DataArguments:
     )
     streaming: bool = field(
         default=False,
-        metadata={"help": "Read train_data's webdataset shards lazily while training (data.streaming): nothing is "
-                          "copied into the datasets cache, processes and DataLoader workers read their own shards, "
-                          "checkpoints resume mid-epoch exactly. Needs max_steps and eval_data."},
+        metadata={"help": "Read train_data's webdataset shards (stage 2: or parquet / JSON-lines conversation files) "
+                          "lazily while training (data.streaming): nothing is copied into the datasets cache, "
+                          "processes and DataLoader workers read their own shards, checkpoints resume mid-epoch "
+                          "exactly. Needs max_steps and eval_data."},
     )
     shuffle_buffer_size: int = field(
         default=10_000,

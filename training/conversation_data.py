@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from datasets import Dataset
 from transformers import TrainingArguments
@@ -21,6 +22,7 @@ from transformers import TrainingArguments
 from cli import UserError
 from data.conversation_loading import load_conversations
 from data.conversation_readers import CONVERSATION_FORMATS, detect_format
+from data.conversation_stream import ConversationStream
 from data.loading import split_train_eval
 from data.sources import open_dataset
 from data.tar_shards import is_tar_path, shard_folder
@@ -35,11 +37,13 @@ LENGTH_COLUMN = "length"
 TOO_LONG = "longer (text + image tokens) than max_length"
 
 
-def data_format(source: str, data_args: DataArguments) -> str:
+def data_format(source: str, data_args: DataArguments, streaming: bool = False) -> str:
     """`IMAGE_TEXT` or the conversation format of `source` ("auto": a JSON file, told apart by its records when it
     is read). `data_format` when given; otherwise shards and image folders are image-text, question/answer columns
     named on the command line mean VQA, JSON files are conversations (image-text metadata comes as image folders),
-    and a dataset is conversations when its columns fit a conversation format."""
+    and a dataset is conversations when its columns fit a conversation format. With `streaming`, a source that is
+    neither shards nor an image folder is conversations ("auto": `ConversationStream` tells each file's format):
+    opening it as a dataset to look at its columns would copy it whole into the `datasets` cache."""
     if data_args.data_format != "auto":
         return data_args.data_format
     if data_args.question_column or data_args.answer_column:
@@ -47,7 +51,7 @@ def data_format(source: str, data_args: DataArguments) -> str:
     image_folder = any(os.path.isfile(os.path.join(source, name)) for name in ("metadata.jsonl", "metadata.csv"))
     if image_folder or shard_folder(source, "train") is not None or is_tar_path(source) or "*" in source:
         return IMAGE_TEXT
-    if os.path.isfile(source) and source.lower().endswith((".json", ".jsonl")):
+    if streaming or (os.path.isfile(source) and source.lower().endswith((".json", ".jsonl"))):
         return "auto"
     try:
         return detect_format(open_dataset(source, config_name=data_args.dataset_config_name).column_names, source)
@@ -55,34 +59,61 @@ def data_format(source: str, data_args: DataArguments) -> str:
         return IMAGE_TEXT  # a caption dataset; its loader names any missing column
 
 
+def load_source(
+    data_args: DataArguments, source: str, format: str, split: str, load_image_text: Callable[[str, str], Dataset],
+    config_name: str | None = None,
+) -> Dataset:
+    """One stage-2 source, map-style: conversations of `format` (bad records counted and logged by the loader), or
+    image-text rows from `load_image_text(source, split)` when `format` is `IMAGE_TEXT`."""
+    if format == IMAGE_TEXT:
+        return load_image_text(source, split)
+    return load_conversations(
+        source, format=format, split=split, config_name=config_name, image_folder=data_args.image_folder,
+        image_column=data_args.image_column, question_column=data_args.question_column,
+        answer_column=data_args.answer_column, min_ratings=data_args.min_ratings_dict(),
+        max_images_per_sample=data_args.max_images_per_sample, num_proc=data_args.preprocessing_num_workers,
+    )
+
+
 def load_conversation_splits(
     data_args: DataArguments, training_args: TrainingArguments, formats: tuple[str, str],
     load_image_text: Callable[[str, str], Dataset],
 ) -> tuple[Dataset, Dataset]:
     """The train and evaluation data (`eval_data`, or a hold-out of `train_data`) when either is conversations
-    (`formats`, from `data_format`); an image-text one of the two comes from `load_image_text(source, split)`.
-    Each loader counts and logs its bad records."""
-    options = {
-        "image_folder": data_args.image_folder, "image_column": data_args.image_column,
-        "question_column": data_args.question_column, "answer_column": data_args.answer_column,
-        "min_ratings": data_args.min_ratings_dict(), "max_images_per_sample": data_args.max_images_per_sample,
-        "num_proc": data_args.preprocessing_num_workers,
-    }
-
-    def load(source: str, format: str, split: str, config_name: str | None) -> Dataset:
-        if format == IMAGE_TEXT:
-            return load_image_text(source, split)
-        return load_conversations(source, format=format, split=split, config_name=config_name, **options)
-
-    train = load(data_args.train_data, formats[0], "train", data_args.dataset_config_name)
+    (`formats`, from `data_format`); an image-text one of the two comes from `load_image_text(source, split)`."""
+    train = load_source(data_args, data_args.train_data, formats[0], "train", load_image_text,
+                        data_args.dataset_config_name)
     if data_args.eval_data:
-        evaluation = load(data_args.eval_data, formats[1], "validation", None)
+        evaluation = load_source(data_args, data_args.eval_data, formats[1], "validation", load_image_text)
     else:
         # Every record is its own group: the readers keep no duplicate marker.
         parts = split_train_eval(train.add_column("group_id", train["key"]), eval_size=data_args.eval_size,
                                  seed=training_args.seed)
         train, evaluation = (parts[name].remove_columns("group_id") for name in ("train", "eval"))
     return train, evaluation
+
+
+def conversation_stream(data_args: DataArguments, training_args: TrainingArguments, format: str) -> ConversationStream:
+    """This process's share of `train_data`'s parquet / JSON-lines files, streamed (`data.conversation_stream`)."""
+    return ConversationStream.from_source(
+        data_args.train_data, format=format, image_folder=data_args.image_folder, image_column=data_args.image_column,
+        question_column=data_args.question_column, answer_column=data_args.answer_column,
+        min_ratings=data_args.min_ratings_dict(), max_images_per_sample=data_args.max_images_per_sample,
+        seed=training_args.seed, buffer_size=data_args.shuffle_buffer_size, rank=training_args.process_index,
+        world_size=training_args.world_size,
+    )
+
+
+@dataclass(frozen=True)
+class TooLong:
+    """A `ConversationStream.extra_check`: skips (and so counts) conversations longer than the collator's
+    `max_length`, as `length_column` drops them from map-style data. A class, not a closure: DataLoader workers
+    started by spawn get it pickled."""
+
+    collator: ConversationCollator
+
+    def __call__(self, row: dict) -> str | None:
+        return TOO_LONG if len(self.collator.encode(row["turns"])[0]) > self.collator.max_length else None
 
 
 def _lengths(rows: dict[str, list], collator: ConversationCollator) -> dict[str, list[int]]:
@@ -121,5 +152,5 @@ def length_column(dataset: Dataset, collator: ConversationCollator, name: str, n
     return dataset
 
 
-__all__ = ["CONVERSATION_FORMATS", "IMAGE_TEXT", "LENGTH_COLUMN", "data_format", "length_column",
-           "load_conversation_splits"]
+__all__ = ["CONVERSATION_FORMATS", "IMAGE_TEXT", "LENGTH_COLUMN", "TooLong", "conversation_stream", "data_format",
+           "length_column", "load_conversation_splits", "load_source"]

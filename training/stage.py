@@ -22,14 +22,14 @@ import transformers
 from datasets import Dataset
 from transformers import Trainer, TrainingArguments, set_seed
 
-from cli import UserError
 from data.cleaning import CleaningOptions
+from data.conversation_stream import ConversationStream
 from data.conversations import IMAGE_PLACEHOLDER
 from data.loading import SkipReport, load_image_text_dataset, split_train_eval
 from data.streaming import ShardStream
 
 from .arguments import DataArguments, parse_args
-from .conversation_data import IMAGE_TEXT, data_format, load_conversation_splits
+from .conversation_data import IMAGE_TEXT, conversation_stream, data_format, load_conversation_splits, load_source
 from .preemption import PreemptionCallback, TrainingPreempted
 
 logger = logging.getLogger(__name__)
@@ -86,33 +86,21 @@ def load_splits(
     are read as conversations; image-text sources stay image-text rows either way.
 
     Bad samples are dropped by the loader, counted by reason and logged here. With `streaming`, the train split is
-    a `ShardStream` of this process's share of the shards (nothing is read yet); evaluation stays map-style.
+    a `ShardStream` of this process's share of the shards (stage 2: or a `ConversationStream` of its share of the
+    parquet / JSON-lines files; nothing is read yet); evaluation stays map-style.
     """
     columns = {"image_column": data_args.image_column, "caption_column": data_args.caption_column,
                "negative_captions_column": data_args.negative_captions_column,
                "num_proc": data_args.preprocessing_num_workers}
+    if data_args.streaming:
+        return _streaming_splits(data_args, training_args, conversations, columns)
     formats = [data_format(source, data_args) if source and conversations else IMAGE_TEXT
                for source in (data_args.train_data, data_args.eval_data)]
     if any(f != IMAGE_TEXT for f in formats):
-        if data_args.streaming:
-            raise UserError("streaming reads webdataset shards; conversation data (data_format "
-                            f"{formats[0]}) is loaded map-style: set streaming: false")
-        train, evaluation = load_conversation_splits(
-            data_args, training_args, tuple(formats),
-            partial(_image_text_split, columns=columns))
+        train, evaluation = load_conversation_splits(data_args, training_args, tuple(formats),
+                                                     partial(_image_text_split, columns=columns))
         return _capped(train, evaluation, data_args)
     report = SkipReport()
-    if data_args.streaming:
-        train = ShardStream.from_source(
-            data_args.train_data, seed=training_args.seed, buffer_size=data_args.shuffle_buffer_size,
-            rank=training_args.process_index, world_size=training_args.world_size,
-            options=CleaningOptions().with_text_fields(data_args.caption_column, data_args.negative_captions_column))
-        evaluation = load_image_text_dataset(data_args.eval_data, split="validation", report=report, **columns)
-        report.log(logger, prefix="evaluation data: ")
-        if data_args.max_eval_samples is not None:
-            evaluation = evaluation.select(range(min(data_args.max_eval_samples, len(evaluation))))
-        logger.info("streaming %d training shards; %d evaluation samples", len(train.shards), len(evaluation))
-        return train, evaluation
     if data_args.eval_data:
         train = load_image_text_dataset(data_args.train_data, split="train", report=report, **columns)
         evaluation = load_image_text_dataset(data_args.eval_data, split="validation", report=report, **columns)
@@ -122,6 +110,28 @@ def load_splits(
         train, evaluation = parts["train"], parts["eval"]
     report.log(logger, prefix="data: ")
     return _capped(train, evaluation, data_args)
+
+
+def _streaming_splits(
+    data_args: DataArguments, training_args: TrainingArguments, conversations: bool, columns: dict
+) -> tuple[ShardStream, Dataset]:
+    """The train stream (webdataset shards, or with `conversations` parquet / JSON-lines conversation files) and the
+    map-style evaluation data."""
+    train_format = data_format(data_args.train_data, data_args, streaming=True) if conversations else IMAGE_TEXT
+    if train_format == IMAGE_TEXT:
+        train = ShardStream.from_source(
+            data_args.train_data, seed=training_args.seed, buffer_size=data_args.shuffle_buffer_size,
+            rank=training_args.process_index, world_size=training_args.world_size,
+            options=CleaningOptions().with_text_fields(data_args.caption_column, data_args.negative_captions_column))
+    else:
+        train = conversation_stream(data_args, training_args, train_format)
+    eval_format = data_format(data_args.eval_data, data_args) if conversations else IMAGE_TEXT
+    evaluation = load_source(data_args, data_args.eval_data, eval_format, "validation",
+                             partial(_image_text_split, columns=columns))
+    if data_args.max_eval_samples is not None:
+        evaluation = evaluation.select(range(min(data_args.max_eval_samples, len(evaluation))))
+    logger.info("streaming %d training shards; %d evaluation samples", len(train.shards), len(evaluation))
+    return train, evaluation
 
 
 def _image_text_split(source: str, split: str, columns: dict) -> Dataset:
@@ -143,6 +153,8 @@ def _capped(train: Dataset, evaluation: Dataset, data_args: DataArguments) -> tu
 def text_corpus(dataset: Dataset | ShardStream) -> list[str]:
     """Every caption, reference, question and answer (of conversations: every turn's text without image
     placeholders): what a tiny preset's tokenizers are trained on."""
+    if isinstance(dataset, ConversationStream):
+        return [turn["text"].replace(IMAGE_PLACEHOLDER, "") for row in dataset.text_rows() for turn in row["turns"]]
     if isinstance(dataset, Dataset) and "turns" in dataset.column_names:
         return [turn["text"].replace(IMAGE_PLACEHOLDER, "") for turns in dataset["turns"] for turn in turns]
     texts = []

@@ -16,6 +16,7 @@ from pathlib import Path
 from transformers import TrainerCallback, TrainingArguments
 
 from cli import UserError, run_command
+from data.conversation_stream import ConversationStream
 from data.conversations import IMAGE_PLACEHOLDER
 from eval.generation import CAPTION_PROMPT, generate_texts
 from modeling.lora import save_adapter
@@ -23,7 +24,7 @@ from modeling.lora import save_adapter
 from .arguments import DataArguments, VLMModelArguments
 from .checkpoints import resolve_resume_checkpoint
 from .conversation_collator import ConversationCollator
-from .conversation_data import length_column
+from .conversation_data import TooLong, length_column
 from .device_normalize import DeviceNormalizeMixin
 from .feature_cache import with_feature_cache
 from .fsdp import wrap_declared_layers
@@ -127,16 +128,20 @@ def build_trainer(
     collator = ConversationCollator(processor, max_length=data_args.max_length, qa_turns=data_args.qa_turns,
                                   seed=training_args.seed, pixel_format=data_args.pixel_format,
                                   separate_turns=data_args.separate_turns)
-    conversations = "turns" in eval_dataset.column_names
+    conversations = "turns" in eval_dataset.column_names or isinstance(train_dataset, ConversationStream)
     if data_args.streaming and training_args.train_sampling_strategy == "group_by_length":
         raise UserError("train_sampling_strategy group_by_length needs every sample's length before training; a "
                         "stream has none: leave it out, or set streaming: false")
+    if isinstance(train_dataset, ConversationStream):
+        # Streamed conversations too long for max_length are skipped and counted as they are read.
+        train_dataset.extra_check = TooLong(collator)
     if conversations or training_args.train_sampling_strategy == "group_by_length":
         # Each sample's tokens (text + image tokens): conversations longer than max_length are dropped and counted
         # here, and length-grouped batches read them.
-        train_dataset, eval_dataset = (
-            length_column(dataset, collator, name, data_args.preprocessing_num_workers)
-            for dataset, name in ((train_dataset, "the training data"), (eval_dataset, "the evaluation data")))
+        if not data_args.streaming:
+            train_dataset = length_column(train_dataset, collator, "the training data",
+                                          data_args.preprocessing_num_workers)
+        eval_dataset = length_column(eval_dataset, collator, "the evaluation data", data_args.preprocessing_num_workers)
     collator.check_dataset(rows_to_check(train_dataset), "the training data")
     trainer_eval_dataset = eval_dataset  # the sample-captions callback below keeps the decoded images
     if data_args.feature_cache:

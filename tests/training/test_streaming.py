@@ -11,8 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from data.loading import load_image_text_dataset
 from data.synthetic import generate_dataset
+from tests.conftest import tiny_qformer_and_processor
 from tests.training import stream_keys_worker
+from tests.training.conversation_files import write_cauldron, write_llava
 from tests.training.launch import (
     REPO,
     TIMEOUT_S,
@@ -22,9 +25,11 @@ from tests.training.launch import (
     run_torchrun,
     script_env,
     stage1_args,
+    stage2_args,
     trainer_state,
 )
 from training.checkpoints import is_complete_checkpoint
+from training.conversation_collator import CaptionQAConversations
 
 BATCH = 4  # stream_keys_worker's per-device batch
 
@@ -87,19 +92,54 @@ def test_resumed_stream_trains_the_same_keys_and_decodes_only_the_next_batches(u
         assert again["decoded_before_first_step"] <= prefetched < resume_step * BATCH
 
 
-def test_streaming_training_killed_on_two_processes_resumes_to_the_uninterrupted_result(uneven_shards, tmp_path):
+@pytest.fixture(scope="module")
+def conversation_files(uneven_shards, tmp_path_factory) -> tuple[Path, Path]:
+    """The 90 training samples as conversations in 5 files of two formats (3 LLaVA JSON-lines files naming their
+    images in a folder, 2 Cauldron parquet files holding theirs): (the files' folder, the image folder)."""
+    root = tmp_path_factory.mktemp("conversation_stream")
+    rows = load_image_text_dataset(str(uneven_shards), split="train", cache_dir=str(root / "cache"))
+    conversations = [CaptionQAConversations(qa_turns=1, seed=2)(row) for row in rows]
+    data = root / "data"
+    data.mkdir()
+    llava, images = write_llava(root, conversations[:54])
+    records = json.loads(llava.read_text())
+    for i in range(3):
+        with open(data / f"part{i}.jsonl", "w") as f:
+            f.writelines(json.dumps(record) + "\n" for record in records[18 * i:18 * (i + 1)])
+    for i, chunk in enumerate((conversations[54:72], conversations[72:])):
+        (root / f"cauldron{i}").mkdir()
+        write_cauldron(root / f"cauldron{i}", chunk).rename(data / f"part{3 + i}.parquet")
+    return data, images
+
+
+@pytest.mark.parametrize("stage", ["stage 1 on shards", "stage 2 on conversation files"])
+def test_streaming_training_killed_on_two_processes_resumes_to_the_uninterrupted_result(
+    uneven_shards, conversation_files, tmp_path, stage
+):
     steps = 24  # well past checkpoint-8, where the run is killed
     common = {"max_steps": steps, "save_strategy": "steps", "save_steps": 4, "streaming": True,
               "shuffle_buffer_size": 16, "dataloader_num_workers": 2, "per_device_train_batch_size": 4}
+    if stage == "stage 1 on shards":
+        def command(out, **fields):
+            return ["-m", "training.train_qformer", *stage1_args(uneven_shards, out, **common, **fields)]
+    else:
+        qformer, processor = tiny_qformer_and_processor()
+        qformer.save_pretrained(tmp_path / "qformer")
+        processor.save_pretrained(tmp_path / "qformer")
+        data, images = conversation_files
+
+        def command(out, **fields):
+            # Evaluation reads the shapes shards' validation split: it may be in another format than training.
+            return ["-m", "training.train_vlm", *stage2_args(
+                uneven_shards, tmp_path / "qformer", out, train_data=data, image_folder=images, separate_turns=False,
+                max_length=256, **common, **fields)]
     reference, killed = tmp_path / "uninterrupted", tmp_path / "killed"
-    run_torchrun(["-m", "training.train_qformer", *stage1_args(uneven_shards, reference, **common)],
-                 tmp_path / "reference.log")
+    run_torchrun(command(reference), tmp_path / "reference.log")
 
     log = tmp_path / "killed.log"
     with open(log, "w") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-             "-m", "training.train_qformer", *stage1_args(uneven_shards, killed, **common)],
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *command(killed)],
             cwd=REPO, env=script_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
     deadline = time.monotonic() + TIMEOUT_S
     try:
@@ -112,13 +152,11 @@ def test_streaming_training_killed_on_two_processes_resumes_to_the_uninterrupted
         process.wait()
     assert not is_complete_checkpoint(killed / f"checkpoint-{steps}"), f"the run finished: raise steps above {steps}"
 
-    output = run_torchrun(["-m", "training.train_qformer",
-                           *stage1_args(uneven_shards, killed, resume_from_checkpoint=True, **common)],
-                          tmp_path / "resumed.log")
+    output = run_torchrun(command(killed, resume_from_checkpoint=True), tmp_path / "resumed.log")
     assert "stream resumed from" in output and "Fast-forwarding" not in output
     difference = max_weight_difference(reference / "model.safetensors", killed / "model.safetensors")
     losses, expected = logged_losses(killed), logged_losses(reference)
-    print(f"\nstreaming, 2 processes, killed after checkpoint-8, resumed: max |weight diff| "
+    print(f"\n{stage}: streaming, 2 processes, killed after checkpoint-8, resumed: max |weight diff| "
           f"{difference:.1e}, losses equal: {losses == expected}")
     assert trainer_state(killed)["global_step"] == steps
     assert difference <= 1e-6
