@@ -101,8 +101,9 @@ class ConversationCollator:
         processor: a `VLMProcessor`.
         max_length: tokens per conversation, image tokens included. A conversation is never cut inside an image's
             tokens or an answer: the turns that do not fit whole are left out (counted in `turns_left_out`), and a
-            conversation whose first exchange does not fit is an error (the data loading drops and counts those
-            before training, see `conversation_length`).
+            sample whose images and first exchange do not fit is left out of its batch, counted in
+            `samples_left_out` and logged (conversation data loses those before training, see
+            `training.conversation_data.length_column`; `check_dataset` refuses settings that lose them at once).
         qa_turns, with_caption, seed, instructions: how rows of the caption + question-answer layout become
             conversations (see `CaptionQAConversations`).
         pixel_format: "float" (the image processor's output), "uint8" (normalised on the device by
@@ -126,6 +127,8 @@ class ConversationCollator:
     separate_turns: bool = False
     caption_qa: CaptionQAConversations = field(init=False, repr=False, compare=False)
     turns_left_out: Counter = field(default_factory=Counter, init=False, repr=False, compare=False)
+    # key -> tokens of each sample left out whole (see `_too_long`)
+    samples_left_out: dict = field(default_factory=dict, init=False, repr=False, compare=False)
     # rendered one-turn conversation -> its token ids and answer mask, for `separate_turns`: rendering the chat
     # template is most of the collator's time and question-answer pairs repeat. Bounded: cleared when full.
     _turn_cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
@@ -140,13 +143,24 @@ class ConversationCollator:
 
     def check_dataset(self, dataset, name: str) -> None:
         """Raises `UserError` before training when `dataset` does not fit these settings: question-answer turns
-        asked for where no sample has any, or a `max_length` too short for the first batch."""
+        asked for where no sample has any, or a `max_length` too short for a quarter or more of the first rows."""
         if "qa" in dataset.column_names and self.qa_turns and not any(len(pairs) for pairs in dataset["qa"]):
             raise UserError(
                 f"qa_turns: {self.qa_turns} asks for question-answer turns, but no sample of {name} has "
                 "question-answer pairs (qa); set qa_turns: 0 for caption-only data"
             )
-        self([dataset[i] for i in range(min(8, len(dataset)))])
+        checked = [dataset[i] for i in range(min(8, len(dataset)))]
+        try:
+            self(checked)
+        except UserError:
+            if not self.samples_left_out:
+                raise
+        # An outlier is left out and counted while training; a quarter of the first rows is a setting to change.
+        if self.samples_left_out and len(self.samples_left_out) * 4 >= len(checked):
+            key, tokens = next(iter(self.samples_left_out.items()))
+            raise UserError(f"sample {key!r} of {name} needs {tokens} tokens with its images and first answer whole, "
+                            f"more than max_length: {self.max_length}; raise max_length")
+        self.samples_left_out.clear()  # training counts its own
 
     # ------------------------------------------------------------------------------------------------------------
     # Rendering and tokenizing one conversation
@@ -181,18 +195,15 @@ class ConversationCollator:
             inside += [answer and token != image_id] * copies
         return ids, inside
 
-    def _fitting(self, key: str, turns: list[dict]) -> tuple[list[int], list[bool]]:
-        """The conversation's tokens, without the trailing exchanges that would take it past `max_length`."""
+    def _fitting(self, key: str, turns: list[dict]) -> tuple[list[int], list[bool]] | None:
+        """The conversation's tokens, without the trailing exchanges that would take it past `max_length`; None
+        (the sample is left out, see `_too_long`) when what remains would still not fit."""
         ids, inside = self.encode(turns)
         kept = len(turns)
         while len(ids) > self.max_length:
             users = [i for i, turn in enumerate(turns[:kept]) if turn["role"] == "user"]
             if len(users) < 2 or IMAGE_PLACEHOLDER in "".join(t["text"] for t in turns[users[-1]:kept]):
-                raise UserError(
-                    f"sample {key!r} needs {len(ids)} tokens with its images and first answer whole, more than "
-                    f"max_length: {self.max_length}; raise max_length (the data loading drops such samples when "
-                    "given the same max_length)"
-                )
+                return self._too_long(key, len(ids))
             kept = users[-1]
             ids, inside = self.encode(turns[:kept])
         if kept < len(turns):
@@ -203,13 +214,25 @@ class ConversationCollator:
     # Batches
     # ------------------------------------------------------------------------------------------------------------
 
+    def _too_long(self, key: str, tokens: int) -> None:
+        """Counts and logs a sample whose images and first answer alone take more than `max_length` tokens: it is
+        left out of its batch (cutting it would teach a cut answer). Conversation data never gets here (its loading
+        drops such samples); caption + question-answer samples with an over-long caption can."""
+        self.samples_left_out[key] = tokens
+        logger.warning("left out sample %r: its images and first answer take %d tokens, more than max_length %d "
+                       "(%d samples so far)", key, tokens, self.max_length, len(self.samples_left_out))
+
     def __call__(self, rows: Sequence[dict]) -> dict[str, torch.Tensor]:
         conversations = [self.conversation(row) for row in rows]
         if self.separate_turns:
             batch, copies = self._shared_prefix_batch(conversations)
         else:
             encoded = [self._fitting(c["key"], list(c["turns"])) for c in conversations]
-            batch, copies = self._padded(encoded), [1] * len(conversations)
+            copies = [int(e is not None) for e in encoded]
+            if not any(copies):
+                raise UserError(f"no sample of this batch fits max_length: {self.max_length} with its images and "
+                                "first answer; raise max_length")
+            batch = self._padded([e for e in encoded if e is not None])
         images = [image for c, n in zip(conversations, copies) for _ in range(n) for image in c["images"]]
         if images:
             batch.update(pixel_batch(self.processor.image_processor, images, self.pixel_format))
@@ -263,23 +286,30 @@ class ConversationCollator:
                 prefix = next((i for i in range(prefix) if ids[i] != encoded[0][0][i]), prefix)
             ids, labels = list(encoded[0][0][:prefix]), [-100] * prefix
             positions, segments = list(range(prefix)), [0] * prefix
+            fits = True
             for k, (turn_ids, inside) in enumerate(encoded):
                 # What follows the exchange's last answer token (the template's newline) is seen by no other token and
                 # carries no loss: it is left out.
                 end = max(i for i, keep in enumerate(inside) if keep) + 1 if any(inside) else len(inside)
                 if len(ids) + end - prefix > self.max_length:
                     if k == 0:
-                        raise UserError(f"sample {conversation['key']!r} needs {end} tokens for its images and first "
-                                        f"answer, more than max_length: {self.max_length}; raise max_length")
+                        fits = self._too_long(conversation["key"], end)
+                        break
                     self.turns_left_out["turns"] += 2 * (len(encoded) - k)
                     break
                 ids += turn_ids[prefix:end]
                 labels += [t if keep else -100 for t, keep in zip(turn_ids[prefix:end], inside[prefix:end])]
                 positions += range(prefix, end)
                 segments += [k + 1] * (end - prefix)
+            if fits is None:
+                copies.append(0)
+                continue
             sequences.append((ids, labels, positions, segments))
             per_copy = len(conversation["images"]) * self.processor.num_query_tokens
             copies.append(sum(token == image_id for token in ids) // per_copy if per_copy else 1)
+        if not sequences:
+            raise UserError(f"no sample of this batch fits max_length: {self.max_length} with its images and first "
+                            "answer; raise max_length")
         length = max(len(ids) for ids, *_ in sequences)
         padded = [[values + [fill] * (length - len(values)) for values, fill in zip(seq, (pad_id, -100, 0, -1))]
                   for seq in sequences]

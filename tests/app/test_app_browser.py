@@ -64,7 +64,7 @@ train_vlm.main(stage2)
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     """A folder with `data/` (16 training shapes images), `qformer/` and `vlm/` trained on them until they
-    remember them: the Q-Former for 100 steps, the VLM for 150 (on conversations cut at 48 tokens, quicker)."""
+    remember them: the Q-Former for 100 steps, the VLM for 150 (on a caption and one question per image)."""
     out = tmp_path_factory.mktemp("app_models")
     generate_dataset(out / "data", {"train": TRAIN_IMAGES, "validation": 4}, seed=3, image_size=32, num_proc=1)
     stage1 = stage1_args(
@@ -75,7 +75,7 @@ def trained(tmp_path_factory) -> Path:
         per_device_train_batch_size=16, warmup_steps=4, logging_steps=25, do_eval=False,
     )  # fmt: skip
     stage2 = stage2_args(
-        out / "data", out / "qformer", out / "vlm", max_steps=150, per_device_train_batch_size=16, max_length=48,
+        out / "data", out / "qformer", out / "vlm", max_steps=150, per_device_train_batch_size=16, max_length=160,
         learning_rate=3e-3, warmup_steps=5, logging_steps=25, do_eval=False,
     )  # fmt: skip
     with open(out / "train.log", "w") as log:

@@ -4,7 +4,9 @@ from collections import Counter
 
 import pytest
 import torch
+from datasets import Dataset
 
+from cli import UserError
 from data.conversations import IMAGE_PLACEHOLDER
 from data.loading import load_image_text_dataset
 from data.shapes import COLORS
@@ -155,6 +157,25 @@ def test_a_turn_that_does_not_fit_whole_is_left_out(shapes_data):
             # What is kept is the start of the whole conversation, token for token.
             kept = int((batch["position_ids"][i] > 0).sum()) + 1
             assert torch.equal(batch["input_ids"][i, :kept], full["input_ids"][i, :kept])
+
+
+@pytest.mark.parametrize("separate_turns", [False, True])
+def test_a_sample_whose_first_answer_does_not_fit_is_left_out_and_counted(rows_and_processor, separate_turns):
+    """A caption + question-answer sample whose image and first answer alone pass max_length (an over-long caption)
+    is left out of its batch with its image, counted and logged; the other rows are as they would be without it.
+    `check_dataset` refuses settings that leave samples out at once."""
+    rows, processor = rows_and_processor
+    long_row = {**rows[1], "key": "long", "caption": " ".join([rows[1]["caption"]] * 40)}
+    make = ConversationCollator(processor, max_length=160, qa_turns=0, separate_turns=separate_turns)
+    batch = make([rows[0], long_row, rows[2]])
+    expected = ConversationCollator(processor, max_length=160, qa_turns=0, separate_turns=separate_turns)(
+        [rows[0], rows[2]])
+    assert make.samples_left_out.keys() == {"long"}
+    assert batch.keys() == expected.keys()
+    for name in expected:
+        assert torch.equal(batch[name], expected[name]), name
+    with pytest.raises(UserError, match="sample 'long' of the data needs .* tokens .* raise max_length"):
+        make.check_dataset(Dataset.from_list([long_row]), "the data")
 
 
 def test_hard_negatives_cover_every_kind_of_change(shapes_data):

@@ -2,7 +2,6 @@
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,19 +17,15 @@ WORLD_SIZE = 2
 TIMEOUT_S = 180
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory) -> list[dict[str, torch.Tensor]]:
     """Run the worker once on two processes; what each rank saved."""
     out_dir = tmp_path_factory.mktemp("ddp_contrastive")
     command = [
         sys.executable, "-m", "torch.distributed.run",
-        f"--nproc_per_node={WORLD_SIZE}", "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
+        # --standalone: the rendezvous port is picked at bind time; a port probed free here and bound later could be
+        # taken meanwhile by another test's torchrun (a CI run hung here once, possibly so).
+        "--standalone", f"--nproc_per_node={WORLD_SIZE}",
         worker.__file__, str(out_dir),
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
