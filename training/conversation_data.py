@@ -152,5 +152,18 @@ def length_column(dataset: Dataset, collator: ConversationCollator, name: str, n
     return dataset
 
 
+def with_lengths(
+    train: Dataset | ConversationStream, evaluation: Dataset, collator: ConversationCollator, num_proc: int | None
+) -> tuple[Dataset | ConversationStream, Dataset]:
+    """Both splits with their `length` column and without the conversations longer than the collator's
+    `max_length` (`length_column`); a stream has no lengths beforehand and skips and counts those as it reads them
+    (`TooLong`)."""
+    if isinstance(train, ConversationStream):
+        train.extra_check = TooLong(collator)
+    elif isinstance(train, Dataset):
+        train = length_column(train, collator, "the training data", num_proc)
+    return train, length_column(evaluation, collator, "the evaluation data", num_proc)
+
+
 __all__ = ["CONVERSATION_FORMATS", "IMAGE_TEXT", "LENGTH_COLUMN", "TooLong", "conversation_stream", "data_format",
-           "length_column", "load_conversation_splits", "load_source"]
+           "length_column", "load_conversation_splits", "load_source", "with_lengths"]

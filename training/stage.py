@@ -128,8 +128,7 @@ def _streaming_splits(
     eval_format = data_format(data_args.eval_data, data_args) if conversations else IMAGE_TEXT
     evaluation = load_source(data_args, data_args.eval_data, eval_format, "validation",
                              partial(_image_text_split, columns=columns))
-    if data_args.max_eval_samples is not None:
-        evaluation = evaluation.select(range(min(data_args.max_eval_samples, len(evaluation))))
+    evaluation = _first(evaluation, data_args.max_eval_samples)
     logger.info("streaming %d training shards; %d evaluation samples", len(train.shards), len(evaluation))
     return train, evaluation
 
@@ -141,11 +140,12 @@ def _image_text_split(source: str, split: str, columns: dict) -> Dataset:
     return dataset
 
 
+def _first(dataset: Dataset, count: int | None) -> Dataset:
+    return dataset if count is None else dataset.select(range(min(count, len(dataset))))
+
+
 def _capped(train: Dataset, evaluation: Dataset, data_args: DataArguments) -> tuple[Dataset, Dataset]:
-    if data_args.max_train_samples is not None:
-        train = train.select(range(min(data_args.max_train_samples, len(train))))
-    if data_args.max_eval_samples is not None:
-        evaluation = evaluation.select(range(min(data_args.max_eval_samples, len(evaluation))))
+    train, evaluation = _first(train, data_args.max_train_samples), _first(evaluation, data_args.max_eval_samples)
     logger.info("%d training and %d evaluation samples", len(train), len(evaluation))
     return train, evaluation
 
@@ -153,10 +153,9 @@ def _capped(train: Dataset, evaluation: Dataset, data_args: DataArguments) -> tu
 def text_corpus(dataset: Dataset | ShardStream) -> list[str]:
     """Every caption, reference, question and answer (of conversations: every turn's text without image
     placeholders): what a tiny preset's tokenizers are trained on."""
-    if isinstance(dataset, ConversationStream):
-        return [turn["text"].replace(IMAGE_PLACEHOLDER, "") for row in dataset.text_rows() for turn in row["turns"]]
-    if isinstance(dataset, Dataset) and "turns" in dataset.column_names:
-        return [turn["text"].replace(IMAGE_PLACEHOLDER, "") for turns in dataset["turns"] for turn in turns]
+    if isinstance(dataset, ConversationStream) or (isinstance(dataset, Dataset) and "turns" in dataset.column_names):
+        rows = dataset.text_rows() if isinstance(dataset, ConversationStream) else dataset.select_columns(["turns"])
+        return [turn["text"].replace(IMAGE_PLACEHOLDER, "") for row in rows for turn in row["turns"]]
     texts = []
     rows = dataset.text_rows() if isinstance(dataset, ShardStream) else dataset.select_columns(
         ["caption", "references", "qa", "negative_captions"])

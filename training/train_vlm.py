@@ -24,7 +24,7 @@ from modeling.lora import save_adapter
 from .arguments import DataArguments, VLMModelArguments
 from .checkpoints import resolve_resume_checkpoint
 from .conversation_collator import ConversationCollator
-from .conversation_data import TooLong, length_column
+from .conversation_data import with_lengths
 from .device_normalize import DeviceNormalizeMixin
 from .feature_cache import with_feature_cache
 from .fsdp import wrap_declared_layers
@@ -117,37 +117,32 @@ def build_trainer(
     resume_from = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
 
     # Data: the training and evaluation splits (image-text samples, or conversations of any supported format).
+    grouped = training_args.train_sampling_strategy == "group_by_length"
+    if data_args.streaming and grouped:
+        raise UserError("train_sampling_strategy group_by_length needs every sample's length before training; a "
+                        "stream has none: leave it out, or set streaming: false")
     train_dataset, eval_dataset = load_splits(data_args, training_args, conversations=True)
+    conversations = "turns" in eval_dataset.column_names or isinstance(train_dataset, ConversationStream)
+    if data_args.feature_cache and conversations:
+        raise UserError("feature_cache holds one image's features per image-text sample; conversation data is read "
+                        "from its images: leave feature_cache out")
 
     # Model: a saved VLM, or the stage-1 Q-Former + adapter + language model, with LoRA when asked for.
     model, processor = build_stage2_model(model_args, partial(text_corpus, train_dataset), resume_from)
     log_parameter_count(model, "stage-2")
 
     # Batches: a chat conversation per sample (the data's own, or an image's caption and question-answer turns), loss
-    # on the answers only; checked against the data now, not at the batch that would fail.
+    # on the answers only; conversations longer than max_length dropped and counted; checked against the data now,
+    # not at the batch that would fail.
     collator = ConversationCollator(processor, max_length=data_args.max_length, qa_turns=data_args.qa_turns,
-                                  seed=training_args.seed, pixel_format=data_args.pixel_format,
-                                  separate_turns=data_args.separate_turns)
-    conversations = "turns" in eval_dataset.column_names or isinstance(train_dataset, ConversationStream)
-    if data_args.streaming and training_args.train_sampling_strategy == "group_by_length":
-        raise UserError("train_sampling_strategy group_by_length needs every sample's length before training; a "
-                        "stream has none: leave it out, or set streaming: false")
-    if isinstance(train_dataset, ConversationStream):
-        # Streamed conversations too long for max_length are skipped and counted as they are read.
-        train_dataset.extra_check = TooLong(collator)
-    if conversations or training_args.train_sampling_strategy == "group_by_length":
-        # Each sample's tokens (text + image tokens): conversations longer than max_length are dropped and counted
-        # here, and length-grouped batches read them.
-        if not data_args.streaming:
-            train_dataset = length_column(train_dataset, collator, "the training data",
-                                          data_args.preprocessing_num_workers)
-        eval_dataset = length_column(eval_dataset, collator, "the evaluation data", data_args.preprocessing_num_workers)
+                                    seed=training_args.seed, pixel_format=data_args.pixel_format,
+                                    separate_turns=data_args.separate_turns)
+    if conversations or grouped:
+        train_dataset, eval_dataset = with_lengths(train_dataset, eval_dataset, collator,
+                                                   data_args.preprocessing_num_workers)
     collator.check_dataset(rows_to_check(train_dataset), "the training data")
     trainer_eval_dataset = eval_dataset  # the sample-captions callback below keeps the decoded images
     if data_args.feature_cache:
-        if conversations:
-            raise UserError("feature_cache holds one image's features per image-text sample; conversation data "
-                            "is read from its images: leave feature_cache out")
         collator, train_dataset, trainer_eval_dataset = with_feature_cache(
             collator, (train_dataset, eval_dataset), data_args.feature_cache, model, processor.image_processor,
             training_args.bf16)
