@@ -28,11 +28,12 @@ class VLMConfig(PreTrainedConfig):
         label_logits_only (`bool`, defaults to `True`):
             When labels are given, run the LM head only at positions that carry a label (answer tokens), instead
             of over the whole sequence and vocabulary. Same loss, far less work and memory.
-        region_token_ids (`list[list[int]]`, *optional*):
-            For each regional query of the Q-Former (`qformer_config.regional_queries` squared, in reading order),
-            the language model's token ids of its region's name ("top left", ...). The mean of their input
-            embeddings is added to that query's visual token, so that a prompt naming a place finds its token by
-            the same words, and an answer naming a place can copy them. Built from names by `build_vlm`.
+        instruction_aware_qformer (`bool`, defaults to `False`):
+            The user turn that holds an image also enters the Q-Former: its text, tokenized by the Q-Former's own
+            tokenizer (the processor's `qformer_input_ids`), joins the queries in self-attention, so the visual
+            tokens carry what the question asks about (InstructBLIP). The stage-1 Q-Former's text layers read it
+            from the start: they were trained on captions. Off: the visual tokens of an image are the same whatever
+            is asked (BLIP-2).
         initializer_range (`float`, defaults to 0.02):
             Standard deviation of the normal initialisation of the adapter.
         tie_word_embeddings (`bool`, *optional*):
@@ -52,7 +53,7 @@ class VLMConfig(PreTrainedConfig):
     adapter_hidden_size: int | None = None
     adapter_act: str = "gelu"
     label_logits_only: bool = True
-    region_token_ids: list[list[int]] | None = None
+    instruction_aware_qformer: bool = False
     initializer_range: float = 0.02
     tie_word_embeddings: bool | None = None
 
@@ -64,11 +65,11 @@ class VLMConfig(PreTrainedConfig):
             self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))
         if self.adapter_hidden_size is None:
             self.adapter_hidden_size = self.text_config.hidden_size
-        if self.region_token_ids is not None:
-            regions = self.qformer_config.regional_queries ** 2
-            if len(self.region_token_ids) != regions or not all(self.region_token_ids):
-                raise ValueError(f"region_token_ids must give a non-empty list of token ids for each of the Q-Former's "
-                                 f"{regions} regional queries, got {len(self.region_token_ids)} lists")
+        if kwargs.get("region_token_ids") is not None or getattr(self, "region_token_ids", None) is not None:
+            # Names of the shapes grid's cells added to its visual tokens: removed, a model trained with them would
+            # answer differently without them.
+            raise ValueError("this model was saved with region_token_ids, which this version no longer has; load "
+                             "it with the code saved beside its weights (trust_remote_code=True) or train it again")
 
     @property
     def vision_config(self) -> PreTrainedConfig:

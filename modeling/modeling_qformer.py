@@ -374,22 +374,49 @@ class QFormerModel(QFormerPreTrainedModel):
         return visible
 
     def get_query_outputs(
-        self, pixel_values: torch.Tensor | None = None, vision_features: torch.Tensor | None = None
+        self,
+        pixel_values: torch.Tensor | None = None,
+        vision_features: torch.Tensor | None = None,
+        instruction_ids: torch.Tensor | None = None,
+        instruction_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Visual tokens: the queries after cross-attending to the image, `(B, num_query_tokens, hidden_size)`.
 
         `vision_features` (`(B, num_patches, vision_hidden)`, e.g. read from a feature cache) replace
-        `pixel_values` when the vision encoder is frozen and its outputs were precomputed.
+        `pixel_values` when the vision encoder is frozen and its outputs were precomputed. `instruction_ids`
+        (`(B, T)`, tokenized by the Q-Former's own tokenizer; `instruction_mask` 0 at padding) make the queries
+        instruction-aware, as InstructBLIP's: the instruction's tokens join the queries in self-attention (they do
+        not read the image themselves), so what the queries pull out of the image depends on what is asked.
         """
         if vision_features is None:
             if pixel_values is None:
                 raise ValueError("get_query_outputs needs pixel_values or vision_features")
             vision_features = self.get_vision_features(pixel_values)
-        queries = self.query_tokens.expand(vision_features.shape[0], -1, -1)
+        hidden = self._queries_and_text(vision_features, instruction_ids, instruction_mask)
+        return hidden[:, : self.config.num_query_tokens]
+
+    def _queries_and_text(
+        self, vision_features: torch.Tensor, input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Last hidden states of the queries, then of the text `input_ids` `(B, T)` when given: `(B, Q (+ T), hidden)`.
+        Only the queries cross-attend to the image; in self-attention queries and text see each other (within
+        `_query_self_attention_mask`'s limits) and no token sees the text's padding (`attention_mask` 0)."""
+        batch, num_queries = vision_features.shape[0], self.config.num_query_tokens
+        queries = self.query_tokens.expand(batch, -1, -1)
+        if input_ids is None:
+            embeds, mask = queries, self._query_self_attention_mask(vision_features)
+        else:
+            if attention_mask is None:
+                attention_mask = torch.ones_like(input_ids)
+            embeds = self.embeddings(input_ids=input_ids, query_embeds=queries)
+            mask = self._query_self_attention_mask(vision_features, attention_mask)
+            if mask is None:
+                mask = torch.cat([attention_mask.new_ones(batch, num_queries), attention_mask], dim=1)
         return self.query_transformer(
-            query_embeds=queries,
-            query_length=queries.shape[1],
-            attention_mask=self._query_self_attention_mask(vision_features),
+            query_embeds=embeds,
+            query_length=num_queries,
+            attention_mask=mask,
             encoder_hidden_states=vision_features,
             encoder_attention_mask=self._cross_attention_mask(vision_features),
         ).last_hidden_state
@@ -433,21 +460,8 @@ class QFormerModel(QFormerPreTrainedModel):
         each other while the queries cross-attend to the image; the head is averaged over the query outputs."""
         if vision_features is None:
             vision_features = self.get_vision_features(pixel_values)
-        batch, num_queries = vision_features.shape[0], self.config.num_query_tokens
-        queries = self.query_tokens.expand(batch, -1, -1)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        mask = self._query_self_attention_mask(vision_features, attention_mask)
-        if mask is None:
-            mask = torch.cat([attention_mask.new_ones(batch, num_queries), attention_mask], dim=1)
-        hidden = self.query_transformer(
-            query_embeds=self.embeddings(input_ids=input_ids, query_embeds=queries),
-            query_length=num_queries,
-            attention_mask=mask,
-            encoder_hidden_states=vision_features,
-            encoder_attention_mask=self._cross_attention_mask(vision_features),
-        ).last_hidden_state
-        return self.itm_head(hidden[:, :num_queries]).mean(dim=1)
+        hidden = self._queries_and_text(vision_features, input_ids, attention_mask)
+        return self.itm_head(hidden[:, : self.config.num_query_tokens]).mean(dim=1)
 
     def forward(
         self,

@@ -137,24 +137,30 @@ class VLMModel(VLMPreTrainedModel):
         self.language_model.set_input_embeddings(value)
 
     def get_image_features(
-        self, pixel_values: torch.Tensor | None = None, vision_features: torch.Tensor | None = None
+        self,
+        pixel_values: torch.Tensor | None = None,
+        vision_features: torch.Tensor | None = None,
+        qformer_input_ids: torch.Tensor | None = None,
+        qformer_attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Visual tokens in the LM's embedding space: `(N, 3, H, W)` -> `(N, num_query_tokens, lm_hidden_size)`.
 
         `vision_features` (`(N, num_patches, vision_hidden)`, from a feature cache of the frozen encoder) replace
-        `pixel_values`.
+        `pixel_values`. With `config.instruction_aware_qformer`, `qformer_input_ids` `(N, T)` (and their mask) give
+        each image's instruction in the Q-Former's vocabulary; otherwise they are not read.
         """
-        features = self.adapter(self.qformer.get_query_outputs(pixel_values, vision_features))
-        if self.config.region_token_ids is None:
-            return features
-        names = self._region_name_embeddings().to(features.dtype)
-        return torch.cat([features[:, : len(names)] + names, features[:, len(names) :]], dim=1)
-
-    def _region_name_embeddings(self) -> torch.Tensor:
-        """`(regions, lm_hidden_size)`: the mean input embedding of each region's name (`config.region_token_ids`)."""
-        embeddings = self.get_input_embeddings()
-        return torch.stack([embeddings(torch.tensor(ids, device=embeddings.weight.device)).mean(dim=0)
-                            for ids in self.config.region_token_ids])
+        if not self.config.instruction_aware_qformer:
+            qformer_input_ids = qformer_attention_mask = None
+        elif qformer_input_ids is None:
+            raise ValueError("this model's Q-Former reads the instruction (instruction_aware_qformer): pass the "
+                             "processor's qformer_input_ids and qformer_attention_mask, one row per image")
+        else:
+            images = len(pixel_values) if vision_features is None else len(vision_features)
+            if len(qformer_input_ids) != images:
+                raise ValueError(f"qformer_input_ids has {len(qformer_input_ids)} rows for {images} images; it needs "
+                                 "one instruction per image, as the processor gives")
+        return self.adapter(self.qformer.get_query_outputs(
+            pixel_values, vision_features, instruction_ids=qformer_input_ids, instruction_mask=qformer_attention_mask))
 
     def merge_image_features(
         self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, image_features: torch.Tensor
@@ -182,6 +188,8 @@ class VLMModel(VLMPreTrainedModel):
         cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         vision_features: torch.FloatTensor | None = None,
+        qformer_input_ids: torch.LongTensor | None = None,
+        qformer_attention_mask: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         **kwargs,
     ) -> VLMModelOutputWithPast:
@@ -197,6 +205,11 @@ class VLMModel(VLMPreTrainedModel):
                 True where a token may attend (the collator's `separate_turns` batches), used with `position_ids`.
             vision_features (`torch.FloatTensor` of shape `(num_images, num_patches, vision_hidden)`, *optional*):
                 Precomputed outputs of the frozen vision encoder, used instead of `pixel_values`.
+            qformer_input_ids (`torch.LongTensor` of shape `(num_images, instruction_length)`, *optional*):
+                Each image's instruction (the text of the user turn that holds it) in the Q-Former's vocabulary, read
+                with `config.instruction_aware_qformer`; the processor returns them.
+            qformer_attention_mask (`torch.LongTensor` of shape `(num_images, instruction_length)`, *optional*):
+                1 for instruction tokens, 0 for padding.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
@@ -206,7 +219,8 @@ class VLMModel(VLMPreTrainedModel):
             has_images = (pixel_values is not None and len(pixel_values)) or (
                 vision_features is not None and len(vision_features))
             if has_images:
-                image_features = self.get_image_features(pixel_values, vision_features)
+                image_features = self.get_image_features(
+                    pixel_values, vision_features, qformer_input_ids, qformer_attention_mask)
                 inputs_embeds = self.merge_image_features(input_ids, inputs_embeds, image_features)
             elif (input_ids == self.config.image_token_id).any():
                 raise ValueError("the prompts hold image tokens but no pixel_values or vision_features were given")
@@ -329,10 +343,14 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
         return self.model.language_model
 
     def get_image_features(
-        self, pixel_values: torch.Tensor | None = None, vision_features: torch.Tensor | None = None
+        self,
+        pixel_values: torch.Tensor | None = None,
+        vision_features: torch.Tensor | None = None,
+        qformer_input_ids: torch.Tensor | None = None,
+        qformer_attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """See [`VLMModel.get_image_features`]: `(N, 3, H, W)` -> `(N, num_query_tokens, lm_hidden_size)`."""
-        return self.model.get_image_features(pixel_values, vision_features)
+        return self.model.get_image_features(pixel_values, vision_features, qformer_input_ids, qformer_attention_mask)
 
     def forward(
         self,
@@ -344,6 +362,8 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         vision_features: torch.FloatTensor | None = None,
+        qformer_input_ids: torch.LongTensor | None = None,
+        qformer_attention_mask: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         num_items_in_batch: int | torch.Tensor | None = None,
@@ -351,7 +371,8 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
     ) -> VLMCausalLMOutputWithPast:
         r"""
         Args:
-            input_ids, pixel_values, attention_mask, position_ids, cache, inputs_embeds, vision_features:
+            input_ids, pixel_values, attention_mask, position_ids, cache, inputs_embeds, vision_features,
+            qformer_input_ids, qformer_attention_mask:
                 as in [`VLMModel.forward`]; `pixel_values` is `(num_images, 3, height, width)` for the whole batch.
             labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
                 Target ids aligned with `input_ids`; -100 everywhere except the answer tokens.
@@ -369,6 +390,8 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
             cache=cache,
             inputs_embeds=inputs_embeds,
             vision_features=vision_features,
+            qformer_input_ids=qformer_input_ids,
+            qformer_attention_mask=qformer_attention_mask,
             use_cache=use_cache if labels is None else False,
             **kwargs,
         )
@@ -405,10 +428,11 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
         return F.cross_entropy(logits.float(), targets, ignore_index=-100)
 
     def prepare_inputs_for_generation(self, *args, is_first_iteration: bool = False, **kwargs):
-        # Visual tokens are already in the KV cache after the prefill step: only the prompt step needs features
-        # (transformers drops `pixel_values` itself).
+        # Visual tokens are already in the KV cache after the prefill step: only the prompt step needs features and
+        # instructions (transformers drops `pixel_values` itself).
         if not is_first_iteration and kwargs.get("use_cache", True):
-            kwargs.pop("vision_features", None)
+            for name in ("vision_features", "qformer_input_ids", "qformer_attention_mask"):
+                kwargs.pop(name, None)
         return super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
 
 

@@ -8,7 +8,7 @@
   same builders; tests run those builders on tiny checkpoints of the same architectures saved to local folders.
 """
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 import torch
 from transformers import (
@@ -22,8 +22,6 @@ from transformers import (
     ViTConfig,
 )
 from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
-
-from cli.errors import UserError
 
 from .configuration_qformer import QFormerConfig
 from .modeling_qformer import QFormerModel
@@ -175,7 +173,6 @@ def build_vlm(
     lm: dict | None = None,
     lm_vocab_size: int = 800,
     image_after_text: bool = False,
-    region_names: Sequence[str] | None = None,
     **config_kwargs,
 ) -> tuple[VLMForConditionalGeneration, VLMProcessor]:
     """Assembles the stage-2 model and its processor from a stage-1 Q-Former.
@@ -186,8 +183,6 @@ def build_vlm(
             tokenizer trained on `corpus` (captions, questions and answers); `lm` overrides `TINY_LM`.
         image_after_text: the processor's chat template puts a message's image after its text
             (`modeling.processing_vlm.chatml_template`).
-        region_names: one name per regional query of the Q-Former, in reading order ("top left", ...): their
-            token ids (as words inside a sentence, after a space) become `VLMConfig.region_token_ids`.
         config_kwargs: other `VLMConfig` fields.
     """
     if language_model is None:
@@ -211,13 +206,6 @@ def build_vlm(
         chat_template=chat_template,
         num_query_tokens=qformer.config.num_query_tokens,
     )
-    if region_names is not None:
-        regions = qformer.config.regional_queries ** 2
-        if len(region_names) != regions:
-            raise UserError(f"region_names gives {len(region_names)} names but the Q-Former has {regions} regional "
-                            "queries (regional_queries squared); give one name per region, in reading order")
-        config_kwargs["region_token_ids"] = [tokenizer(" " + name.strip(), add_special_tokens=False)["input_ids"]
-                                             for name in region_names]
     model = VLMForConditionalGeneration.from_qformer_and_lm(
         qformer, lm_model, image_token_id=processor.image_token_id, vocab_size=len(tokenizer), **config_kwargs
     )

@@ -1,10 +1,14 @@
 """Processor of the VLM: image processor + the language model's tokenizer + its chat template.
 
 Each image placeholder in a prompt becomes `num_query_tokens` image tokens, the positions where the model writes
-its visual tokens; the rest (batching, padding, chat templates) is `ProcessorMixin`'s own machinery.
+its visual tokens; the rest (batching, padding, chat templates) is `ProcessorMixin`'s own machinery. Each image also
+gets its instruction in the Q-Former's vocabulary (`qformer_input_ids`), as InstructBLIP's processor gives, for
+models whose Q-Former reads it.
 """
 
-from transformers import ProcessorMixin
+import re
+
+from transformers import BatchFeature, ProcessorMixin
 
 
 def chatml_template(image_after_text: bool = False) -> str:
@@ -55,6 +59,8 @@ class VLMProcessor(ProcessorMixin):
     Example:
         >>> inputs = processor(images=[img], text=["<|im_start|>user\n<image>What colour is the circle?<|im_end|>\n"])
         >>> inputs["input_ids"].shape, inputs["pixel_values"].shape  # (1, T), (1, 3, H, W)
+        >>> processor.qformer_tokenizer.batch_decode(inputs["qformer_input_ids"], skip_special_tokens=True)
+        ['what colour is the circle?']
     """
 
     def __init__(
@@ -95,7 +101,36 @@ class VLMProcessor(ProcessorMixin):
                 )
         if "padding_side" not in kwargs.get("text_kwargs", {}):
             kwargs.setdefault("padding_side", "left")
-        return super().__call__(images=images, text=text, **kwargs)
+        inputs = super().__call__(images=images, text=text, **kwargs)
+        prompts = [text] if isinstance(text, str) else list(text or [])
+        instructions = [instruction for prompt in prompts for instruction in self.image_instructions(prompt)]
+        if instructions and self.qformer_tokenizer is not None:
+            inputs.update(self.qformer_inputs(instructions, return_tensors=kwargs.get("return_tensors")))
+        return inputs
+
+    def image_instructions(self, prompt: str) -> list[str]:
+        """The instruction of each image placeholder of `prompt`, in order: the text of the chat turn that holds it
+        (the span between the language model's special tokens), without placeholders and without the turn's role
+        line (a first line of one word after a special token, as ChatML's `<|im_start|>user`)."""
+        specials = [t for t in self.tokenizer.all_special_tokens if t != self.image_token]
+        pieces = re.split("|".join(map(re.escape, specials)), prompt) if specials else [prompt]
+        instructions = []
+        for i, piece in enumerate(pieces):
+            count = piece.count(self.image_token)
+            if not count:
+                continue
+            piece = piece.replace(self.image_token, "")
+            if i > 0:
+                piece = re.sub(r"^\s*\w+[ \t]*\n", "", piece)
+            instructions += [piece.strip()] * count
+        return instructions
+
+    def qformer_inputs(self, instructions: list[str], return_tensors: str | None = "pt") -> BatchFeature:
+        """`qformer_input_ids` and `qformer_attention_mask`, `(len(instructions), T)`: the instructions tokenized
+        by the Q-Former's tokenizer, right-padded, cut at its `model_max_length` (the Q-Former's text positions)."""
+        encoded = self.qformer_tokenizer(instructions, padding=True, truncation=True, return_tensors=return_tensors)
+        return BatchFeature({"qformer_input_ids": encoded["input_ids"],
+                             "qformer_attention_mask": encoded["attention_mask"]}, tensor_type=return_tensors)
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
         # Every image gives the same number of visual tokens: one per query.

@@ -163,7 +163,7 @@ class QFormerModelArguments:
         _validate_config(self, TINY_SETTINGS if tiny else None)
 
 
-@with_config_fields(VLMConfig, exclude=("qformer_config", "text_config", "image_token_id", "region_token_ids"))
+@with_config_fields(VLMConfig, exclude=("qformer_config", "text_config", "image_token_id"))
 @dataclass
 class VLMModelArguments:
     """How to assemble the stage-2 model: a stage-1 Q-Former, an adapter and a language model (with LoRA)."""
@@ -203,13 +203,6 @@ class VLMModelArguments:
         metadata={"help": "Chat template of a new processor: the image after the user's text in a message, so that "
                           "the visual tokens can attend to the question (a saved VLM keeps its own template)."},
     )
-    region_names: str | None = field(
-        default=None,
-        metadata={"help": "A new VLM whose Q-Former has regional queries: one name per region, comma-separated, in "
-                          "reading order (e.g. 'top left,top center,...,bottom right'); the language model's embedding "
-                          "of each name is added to its region's visual token (VLMConfig.region_token_ids). An empty "
-                          "string turns a YAML file's names off."},
-    )
     attn_implementation: Literal["sdpa", "eager"] | None = attn_implementation_field()
 
     def __post_init__(self):
@@ -218,10 +211,9 @@ class VLMModelArguments:
             raise UserError(
                 "stage 2 needs --qformer_name_or_path (the stage-1 output folder) or --model_name_or_path (a saved VLM)"
             )
-        for name in ("image_after_text", "region_names"):
-            if self.model_name_or_path and getattr(self, name):
-                raise UserError(f"{name} is for a new VLM; a saved VLM (--model_name_or_path) keeps its own: leave "
-                                f"{name} out")
+        if self.model_name_or_path and self.image_after_text:
+            raise UserError("image_after_text is for a new VLM; a saved VLM (--model_name_or_path) keeps its own: "
+                            "leave image_after_text out")
         check_at_least({"lm_vocab_size": self.lm_vocab_size}, 50)
         check_at_least({"lora_r": self.lora_r, "lora_alpha": self.lora_alpha}, 1)
         check_at_least({"qformer_learning_rate": self.qformer_learning_rate, "lora_dropout": self.lora_dropout}, 0)
@@ -434,8 +426,11 @@ def _type_problem(value, annotation) -> str | None:
     return None
 
 
-def read_yaml_config(path: Path, dataclass_types: tuple) -> dict:
+def read_yaml_config(path: Path, dataclass_types: tuple, _seen: tuple[Path, ...] = ()) -> dict:
     """The fields of a YAML config file, checked against the dataclasses: known names, fitting types.
+
+    An `extends: other.yaml` line (a path relative to the file) starts from that file's fields, which this one's
+    change or add to: a variant of a recipe states only what differs.
 
     Raises `UserError` naming the file and line of the first problem.
     """
@@ -453,6 +448,13 @@ def read_yaml_config(path: Path, dataclass_types: tuple) -> dict:
     if not isinstance(values, dict):
         raise UserError(f"{path}: expected `field: value` lines, got a YAML {type(values).__name__}")
     lines = {node.value: node.start_mark.line + 1 for node, _ in root.value} if root is not None else {}
+    inherited = {}
+    if "extends" in values:
+        parent = path.parent / str(values.pop("extends"))
+        if parent.resolve() in _seen:
+            raise UserError(f"{path} line {lines['extends']}: extends {parent}, which extends {path} again; break "
+                            "the cycle")
+        inherited = read_yaml_config(parent, dataclass_types, (*_seen, path.resolve()))
     hints = {}
     for dataclass_type in dataclass_types:
         types_of = typing.get_type_hints(dataclass_type)
@@ -464,7 +466,7 @@ def read_yaml_config(path: Path, dataclass_types: tuple) -> dict:
         problem = _type_problem(value, hints[name])
         if problem:
             raise UserError(f"{where}: {name} must be {problem}, got {value!r}")
-    return values
+    return {**inherited, **values}
 
 
 def parse_args(dataclass_types: tuple, argv: list[str] | None = None) -> tuple:

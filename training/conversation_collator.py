@@ -78,6 +78,13 @@ class CaptionQAConversations:
         return {"key": row["key"], "images": [row["image"]], "turns": turns}
 
 
+def turn_instructions(turns: Sequence[dict]) -> list[str]:
+    """The instruction of each image of a conversation, in placeholder order: the text of the user turn that holds it,
+    without placeholders (what `VLMProcessor.image_instructions` reads from a rendered prompt)."""
+    return [turn["text"].replace(IMAGE_PLACEHOLDER, "").strip()
+            for turn in turns for _ in range(turn["text"].count(IMAGE_PLACEHOLDER))]
+
+
 def chat_messages(turns: Sequence[dict]) -> list[dict]:
     """Schema turns as chat-template messages: each turn's text split at the placeholders into typed parts."""
     messages = []
@@ -115,6 +122,10 @@ class ConversationCollator:
             with the image after the question each turn has its own copy, and the images are repeated to match):
             each turn's tokens get the positions and the attention they would have in a conversation of its own (a
             `(B, 1, T, T)` boolean `attention_mask` and `position_ids`).
+        instruction_aware: the model's Q-Former reads instructions (`VLMConfig.instruction_aware_qformer`): the batch
+            gives each image the text of the user turn that holds it as `qformer_input_ids`/`qformer_attention_mask`.
+            With `separate_turns` every turn then has its own copy of the images, whose visual tokens read its own
+            question.
     """
 
     processor: object
@@ -125,6 +136,7 @@ class ConversationCollator:
     instructions: Sequence[str] = CAPTION_INSTRUCTIONS
     pixel_format: str = "float"
     separate_turns: bool = False
+    instruction_aware: bool = False
     caption_qa: CaptionQAConversations = field(init=False, repr=False, compare=False)
     turns_left_out: Counter = field(default_factory=Counter, init=False, repr=False, compare=False)
     # key -> tokens of each sample left out whole (see `_too_long`)
@@ -225,17 +237,22 @@ class ConversationCollator:
     def __call__(self, rows: Sequence[dict]) -> dict[str, torch.Tensor]:
         conversations = [self.conversation(row) for row in rows]
         if self.separate_turns:
-            batch, copies = self._shared_prefix_batch(conversations)
+            batch, instructions = self._shared_prefix_batch(conversations)
         else:
             encoded = [self._fitting(c["key"], list(c["turns"])) for c in conversations]
-            copies = [int(e is not None) for e in encoded]
-            if not any(copies):
+            if not any(e is not None for e in encoded):
                 raise UserError(f"no sample of this batch fits max_length: {self.max_length} with its images and "
                                 "first answer; raise max_length")
             batch = self._padded([e for e in encoded if e is not None])
-        images = [image for c, n in zip(conversations, copies) for _ in range(n) for image in c["images"]]
+            instructions = [turn_instructions(c["turns"]) if e is not None else []
+                            for c, e in zip(conversations, encoded)]
+        # Each sequence holds its conversation's images once per entry of its instructions (one per image).
+        images = [image for c, own in zip(conversations, instructions)
+                  for _ in range(len(own) // max(len(c["images"]), 1)) for image in c["images"]]
         if images:
             batch.update(pixel_batch(self.processor.image_processor, images, self.pixel_format))
+            if self.instruction_aware:
+                batch.update(self.processor.qformer_inputs([text for own in instructions for text in own]))
         return batch
 
     def _padded(self, encoded: list[tuple[list[int], list[bool]]]) -> dict[str, torch.Tensor]:
@@ -265,9 +282,10 @@ class ConversationCollator:
         """One sequence per conversation: the tokens every exchange starts with once (the images, when the chat
         template puts them first), then every exchange's own tokens, each placed (positions) and masked (attention)
         as if it followed that prefix alone. An exchange that would not fit whole is left out, with those after it.
-        Also how many copies of its images each sequence holds."""
+        With `instruction_aware` the prefix ends before the images: each exchange has its own copy of them. Also the
+        instruction of each image copy of each sequence (its exchange's question), one list per conversation."""
         pad_id, image_id = self.processor.tokenizer.pad_token_id, self.processor.image_token_id
-        sequences, copies = [], []
+        sequences, instructions = [], []
         for conversation in conversations:
             turns = conversation["turns"]
             roles = [turn["role"] for turn in turns]
@@ -284,6 +302,9 @@ class ConversationCollator:
             prefix = min(min(len(ids), inside.index(True) if True in inside else len(ids)) for ids, inside in encoded)
             for ids, _ in encoded[1:]:
                 prefix = next((i for i in range(prefix) if ids[i] != encoded[0][0][i]), prefix)
+            if self.instruction_aware and image_id in encoded[0][0]:
+                prefix = min(prefix, encoded[0][0].index(image_id))
+            questions = [first["text"], *(turn["text"] for turn in turns[2::2])]
             ids, labels = list(encoded[0][0][:prefix]), [-100] * prefix
             positions, segments = list(range(prefix)), [0] * prefix
             fits = True
@@ -302,11 +323,15 @@ class ConversationCollator:
                 positions += range(prefix, end)
                 segments += [k + 1] * (end - prefix)
             if fits is None:
-                copies.append(0)
+                instructions.append([])
                 continue
             sequences.append((ids, labels, positions, segments))
             per_copy = len(conversation["images"]) * self.processor.num_query_tokens
-            copies.append(sum(token == image_id for token in ids) // per_copy if per_copy else 1)
+            copies = sum(token == image_id for token in ids) // per_copy if per_copy else 0
+            # One copy per kept exchange when each has its own, else the shared one (read with the first question).
+            asked = questions[: max(segments)] if copies > 1 else questions[:1]
+            instructions.append([question.strip() for question in asked[:copies]
+                                 for _ in conversation["images"]])
         if not sequences:
             raise UserError(f"no sample of this batch fits max_length: {self.max_length} with its images and first "
                             "answer; raise max_length")
@@ -320,7 +345,9 @@ class ConversationCollator:
         visible = causal & same & (segments[:, None, :] >= 0)
         visible |= torch.eye(length, dtype=torch.bool)
         return {"input_ids": input_ids, "attention_mask": visible[:, None], "position_ids": position_ids,
-                "labels": labels}, copies
+                "labels": labels}, instructions
 
 
-__all__ = ["CAPTION_INSTRUCTIONS", "CaptionQAConversations", "ConversationCollator", "chat_messages"]
+__all__ = [
+    "CAPTION_INSTRUCTIONS", "CaptionQAConversations", "ConversationCollator", "chat_messages", "turn_instructions",
+]

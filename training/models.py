@@ -95,7 +95,6 @@ def build_stage2_model(
                 qformer, qformer_processor, language_model=language_model,
                 corpus=None if language_model else corpus(), lm=model_args.lm_config,
                 lm_vocab_size=model_args.lm_vocab_size, image_after_text=model_args.image_after_text,
-                region_names=[n.strip() for n in (model_args.region_names or "").split(",") if n.strip()] or None,
                 **settings,
             )
         if resume_from is not None and language_model is None:

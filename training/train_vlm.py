@@ -136,7 +136,8 @@ def build_trainer(
     # not at the batch that would fail.
     collator = ConversationCollator(processor, max_length=data_args.max_length, qa_turns=data_args.qa_turns,
                                     seed=training_args.seed, pixel_format=data_args.pixel_format,
-                                    separate_turns=data_args.separate_turns)
+                                    separate_turns=data_args.separate_turns,
+                                    instruction_aware=model.config.instruction_aware_qformer)
     if conversations or grouped:
         train_dataset, eval_dataset = with_lengths(train_dataset, eval_dataset, collator,
                                                    data_args.preprocessing_num_workers)

@@ -32,7 +32,7 @@ STAGE1, STAGE2 = "configs/tiny/stage1.yaml", "configs/tiny/stage2.yaml"
 PROGRESS_BAR = re.compile(r"\d+%\|.*\| \d+/\d+ ")
 # What `_world` makes, by name.
 WORLD = ("shapes", "qformer", "vlm", "llama", "truncated", "no_weights", "foreign", "empty", "garbage.parquet",
-         "captions", "run", "syntax.yaml", "types.yaml", "unknown.yaml", "llava.json", "vqa.parquet")
+         "captions", "run", "syntax.yaml", "types.yaml", "unknown.yaml", "cycle.yaml", "llava.json", "vqa.parquet")
 
 
 def _world(root: Path) -> dict[str, str]:
@@ -75,6 +75,7 @@ def _world(root: Path) -> dict[str, str]:
     (root / "run" / "checkpoint-7").mkdir(parents=True)  # a save that died before trainer_state.json
     (root / "syntax.yaml").write_text("train_data: x\nmax_steps: 5\n  learning_rate: 0.1\n")  # indented
     (root / "types.yaml").write_text("train_data: x\nnum_query_tokens: many\n")
+    (root / "cycle.yaml").write_text("max_steps: 5\nextends: cycle.yaml\n")
     (root / "unknown.yaml").write_text("train_data: x\nnum_querys: 4\n")
     return {name: str(root / name) for name in WORLD}
 
@@ -83,8 +84,7 @@ def _cases(w: dict[str, str], out: str) -> dict[str, tuple[list[str], list[str]]
     """`{case: (command after python -m, words the error line must hold)}`."""
     data = ["--train_data", w["shapes"], "--eval_data", w["shapes"], "--output_dir", f"{out}/o"]
     q, v = ["-m", "training.train_qformer"], ["-m", "training.train_vlm"]
-    # The small Q-Former has no regional queries for the YAML's region names.
-    v_args = [STAGE2, *data, "--qformer_name_or_path", w["qformer"], "--region_names", ""]
+    v_args = [STAGE2, *data, "--qformer_name_or_path", w["qformer"]]
     evaluate = ["-m", "eval", "--out", f"{out}/e"]
     return {
         "missing config file": ([*q, "configs/tiny/stage9.yaml"], ["configs/tiny/stage9.yaml", "not found"]),
@@ -132,10 +132,9 @@ def _cases(w: dict[str, str], out: str) -> dict[str, tuple[list[str], list[str]]
                               [f"{w['truncated']}/model.safetensors", "truncated or corrupt"]),
         "missing weights": ([*v, *v_args, "--qformer_name_or_path", w["no_weights"]],
                             [f"{w['no_weights']}/model.safetensors", "missing"]),
-        "region names that do not fit the Q-Former": ([*v, *v_args, "--region_names", "top,bottom"],
-                                                      ["region_names gives 2 names", "0 regional queries"]),
-        "region names for a saved VLM": ([*v, *v_args, "--model_name_or_path", w["vlm"], "--region_names", "top"],
-                                         ["region_names is for a new VLM", "leave region_names out"]),
+        "a yaml that extends itself": ([*q, w["cycle.yaml"]], [f"{w['cycle.yaml']} line 2", "break the cycle"]),
+        "a template for a saved VLM": ([*v, *v_args, "--model_name_or_path", w["vlm"], "--image_after_text", "true"],
+                                       ["image_after_text is for a new VLM", "leave image_after_text out"]),
         "decay longer than the run": ([*v, *v_args, "--max_steps", "100", "--lr_scheduler_type", "warmup_stable_decay",
                                        "--lr_scheduler_kwargs", '{"num_decay_steps": 200}'],
                                       ["num_decay_steps 200", "max_steps 100", "at most 70"]),

@@ -50,12 +50,12 @@ def bf16_vlm(tmp_path_factory):
     """A saved tiny VLM in bfloat16 (lmms-eval's huggingface model always loads in bfloat16; `python -m eval` keeps
     the saved dtype), with spread weights and only whole words or the end of the turn allowed out, so that its
     answers differ between questions and a wrong prompt, image or decoding shows. Its chat template puts the image
-    after the question, as the demo's does: lmms-eval builds messages with the image first and must still ask the
-    way training did."""
-    model, processor = tiny_vlm_and_processor(image_after_text=True)
+    after the question, and its Q-Former reads the question (instruction_aware_qformer): lmms-eval builds messages
+    with the image first and passes the processor's outputs on, and must still ask the way training did."""
+    model, processor = tiny_vlm_and_processor(image_after_text=True, instruction_aware_qformer=True)
     torch.manual_seed(3)
     with torch.no_grad():
-        for param in model.language_model.parameters():
+        for param in [*model.language_model.parameters(), *model.qformer.query_transformer.parameters()]:
             if param.dim() > 1:
                 param.normal_(std=0.3)
     tokenizer = processor.tokenizer

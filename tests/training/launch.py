@@ -58,7 +58,6 @@ def stage2_args(data: Path, qformer: Path, output_dir: Path, **overrides) -> lis
     fields = {
         "train_data": data, "eval_data": data, "output_dir": output_dir, "qformer_name_or_path": qformer,
         "lm_config": SMALL_LM, "lm_vocab_size": 300, "qa_turns": 1,
-        "region_names": "",  # the small Q-Former has no regional queries to name
         "per_device_train_batch_size": 8, "per_device_eval_batch_size": 16, "max_eval_samples": 16,
         "learning_rate": 1e-3, "warmup_steps": 2, "logging_steps": 1, "disable_tqdm": True,
         # float32: these runs check mechanics (processes, resumption, sharding) to float32 tolerances.

@@ -80,18 +80,22 @@ def test_the_same_sample_gets_the_same_conversation_in_any_batch(rows_and_proces
     assert torch.equal(together["labels"][3, :length], alone["labels"][0, :length])
 
 
-@pytest.mark.parametrize("image_after_text", [False, True])
-def test_separate_turns_equal_one_conversation_per_turn(shapes_data, image_after_text):
+@pytest.mark.parametrize("layout", ["image first", "image_after_text", "instruction_aware"])
+def test_separate_turns_equal_one_conversation_per_turn(shapes_data, layout):
     """With separate_turns each turn must see the image and its own question only: the shared-prefix batch gives
     every answer token the logits it gets in a conversation of its own (the way evaluation asks), whether the chat
-    template puts the image before the question (one copy for all turns) or after it (a copy in every turn)."""
+    template puts the image before the question (one copy for all turns) or after it (a copy in every turn), or the
+    Q-Former reads each question (a copy in every turn, its visual tokens drawn for that question)."""
     dataset = load_image_text_dataset(str(shapes_data), split="train")
     rows = [dataset[i] for i in range(NUM_ROWS)]
+    image_after_text, instruction_aware = layout == "image_after_text", layout == "instruction_aware"
     qformer, qformer_processor = tiny_qformer_and_processor()
     model, processor = build_vlm(qformer, qformer_processor, corpus=text_corpus(dataset), lm=TINY_LM,
-                                 lm_vocab_size=300, image_after_text=image_after_text)
+                                 lm_vocab_size=300, image_after_text=image_after_text,
+                                 instruction_aware_qformer=instruction_aware)
     model.eval()
-    collator = ConversationCollator(processor, max_length=1024, qa_turns=20, separate_turns=True)
+    collator = ConversationCollator(processor, max_length=1024, qa_turns=20, separate_turns=True,
+                                    instruction_aware=instruction_aware)
     shared = collator(rows)
     # A second batch of the same rows is built from the collator's cache of encoded turns: it must not differ.
     again = collator(rows)
@@ -99,8 +103,14 @@ def test_separate_turns_equal_one_conversation_per_turn(shapes_data, image_after
     assert shared["attention_mask"].shape == (len(rows), 1, shared["input_ids"].shape[1], shared["input_ids"].shape[1])
     copies = (shared["input_ids"] == processor.image_token_id).sum(dim=1) // processor.num_query_tokens
     turns_per_row = torch.tensor([1 + len(row["qa"]) for row in rows])
-    assert torch.equal(copies, turns_per_row if image_after_text else torch.ones_like(copies))
+    assert torch.equal(copies, turns_per_row if layout != "image first" else torch.ones_like(copies))
     assert len(shared["pixel_values"]) == int(copies.sum())
+    assert ("qformer_input_ids" in shared) == instruction_aware
+    if instruction_aware:
+        asked = processor.qformer_tokenizer.batch_decode(shared["qformer_input_ids"], skip_special_tokens=True)
+        questions = [question for row in rows for question, _ in collator.caption_qa.pairs(row)]
+        assert asked == processor.qformer_tokenizer.batch_decode(
+            processor.qformer_inputs(questions)["qformer_input_ids"], skip_special_tokens=True)
     with torch.no_grad():
         hidden = model(**{**shared, "labels": None}).logits
     alone = ConversationCollator(processor, max_length=1024, qa_turns=0)
@@ -121,7 +131,8 @@ def test_separate_turns_equal_one_conversation_per_turn(shapes_data, image_after
                 text.index(processor.image_token) < text.index(question)
             ids = torch.tensor([alone.encode(turns)[0]])
             with torch.no_grad():
-                single = model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels).logits[0]
+                single = model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,
+                               **processor.qformer_inputs([question])).logits[0]
             assert torch.equal(shared["input_ids"][i, :prefix], ids[0, :prefix])
             begin = prefix if k == 0 else int(starts[k - 1])
             # The shared sequence leaves out what follows the answer's end token (the template's newline).

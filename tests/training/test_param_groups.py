@@ -94,7 +94,7 @@ def test_stage2_qformer_trains_at_its_own_rate_and_adapter_and_lm_at_the_learnin
 ):
     argv = [str(REPO / "configs/tiny/stage2.yaml"), *as_cli({
         "train_data": shapes_data, "eval_data": shapes_data, "output_dir": tmp_path / "out",
-        "qformer_name_or_path": stage1_folder, "lm_config": SMALL_LM, "lm_vocab_size": 300, "region_names": "",
+        "qformer_name_or_path": stage1_folder, "lm_config": SMALL_LM, "lm_vocab_size": 300,
         "use_lora": use_lora, "lora_r": 2, "lora_alpha": 4,
         "learning_rate": LEARNING_RATE, "qformer_learning_rate": QFORMER_LR,
     })]  # fmt: skip

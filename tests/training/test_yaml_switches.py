@@ -10,7 +10,14 @@ from data.synthetic import generate_dataset
 from tests.helpers import REPO
 from tests.training.launch import as_cli
 from training import feature_cache, train_qformer, train_vlm
-from training.arguments import DataArguments, QFormerModelArguments, TrainingArguments, VLMModelArguments, parse_args
+from training.arguments import (
+    DataArguments,
+    QFormerModelArguments,
+    TrainingArguments,
+    VLMModelArguments,
+    parse_args,
+    read_yaml_config,
+)
 from training.models import build_stage1_model, build_stage2_model
 
 VISION = {"image_size": 32, "patch_size": 8, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
@@ -40,7 +47,7 @@ def stage1(shards, out, **overrides) -> list[str]:
 
 def stage2(shards, qformer, out, **overrides) -> list[str]:
     fields = {"train_data": shards, "eval_data": shards, "output_dir": out, "qformer_name_or_path": qformer,
-              "lm_config": LM, "lm_vocab_size": 300, "qa_turns": 1, "region_names": "",
+              "lm_config": LM, "lm_vocab_size": 300, "qa_turns": 1,
               "per_device_train_batch_size": 8, "per_device_eval_batch_size": 8, "max_eval_samples": 4,
               "max_steps": 2, "warmup_steps": 0, "logging_steps": 1, "disable_tqdm": True, **overrides}
     return [str(REPO / "configs/tiny/stage2.yaml"), *as_cli(fields)]
@@ -96,3 +103,31 @@ def test_attention_kernels_from_the_config(shards, tmp_path):
         runs[kernel] = train_vlm.main(args)
     for name in ("train_loss", "eval_loss"):
         assert runs["eager"][name] == pytest.approx(runs["sdpa"][name], rel=1e-4), name
+
+
+@pytest.mark.parametrize("recipe", ["base", "qwen3"])
+def test_the_instruct_recipes_are_their_stage2_with_the_option_on(recipe):
+    """configs/<recipe>/stage2_instruct.yaml extends stage2.yaml: the same run, the Q-Former reading the instruction."""
+    hints = (VLMModelArguments, DataArguments, TrainingArguments)
+    plain = read_yaml_config(REPO / f"configs/{recipe}/stage2.yaml", hints)
+    instruct = read_yaml_config(REPO / f"configs/{recipe}/stage2_instruct.yaml", hints)
+    assert instruct == {**plain, "instruction_aware_qformer": True, "output_dir": f"outputs/{recipe}/vlm_instruct"}
+
+
+def test_an_extending_yaml_changes_only_what_it_states(shards, tmp_path):
+    """`extends:` with a command line on top: the child's fields over its parent's, the command line over both; and
+    the option trains through the real script, its saved model reading instructions."""
+    tiny = REPO / "configs/tiny/stage2.yaml"
+    (tmp_path / "parent.yaml").write_text(f"extends: {tiny}\nmax_steps: 7\nlearning_rate: 0.5\nqa_turns: 2\n")
+    (tmp_path / "child.yaml").write_text("extends: parent.yaml\nlearning_rate: 0.01\ninstruction_aware_qformer: true\n")
+    hints = (VLMModelArguments, DataArguments, TrainingArguments)
+    assert read_yaml_config(tmp_path / "child.yaml", hints) == {
+        **read_yaml_config(tiny, hints), "max_steps": 7, "learning_rate": 0.01, "qa_turns": 2,
+        "instruction_aware_qformer": True}
+    train_qformer.main(stage1(shards, tmp_path / "q"))
+    args = [str(tmp_path / "child.yaml"), *stage2(shards, tmp_path / "q", tmp_path / "vlm", bf16=False)[1:]]
+    model_args, data_args, training_args = parse_args(hints, args)
+    assert model_args.instruction_aware_qformer and training_args.learning_rate == 0.01 and data_args.qa_turns == 1
+    metrics = train_vlm.main(args)
+    assert math.isfinite(metrics["train_loss"]) and math.isfinite(metrics["eval_loss"])
+    assert '"instruction_aware_qformer": true' in (tmp_path / "vlm" / "config.json").read_text()
