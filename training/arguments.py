@@ -451,6 +451,9 @@ def read_yaml_config(path: Path, dataclass_types: tuple, _seen: tuple[Path, ...]
     inherited = {}
     if "extends" in values:
         parent = path.parent / str(values.pop("extends"))
+        if not parent.is_file():
+            raise UserError(f"{path} line {lines['extends']}: extends {parent}, which is not a file; give its path "
+                            f"relative to {path.parent}")
         if parent.resolve() in _seen:
             raise UserError(f"{path} line {lines['extends']}: extends {parent}, which extends {path} again; break "
                             "the cycle")
