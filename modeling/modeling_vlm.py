@@ -142,23 +142,37 @@ class VLMModel(VLMPreTrainedModel):
         vision_features: torch.Tensor | None = None,
         qformer_input_ids: torch.Tensor | None = None,
         qformer_attention_mask: torch.Tensor | None = None,
+        image_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Visual tokens in the LM's embedding space: `(N, 3, H, W)` -> `(N, num_query_tokens, lm_hidden_size)`.
 
         `vision_features` (`(N, num_patches, vision_hidden)`, from a feature cache of the frozen encoder) replace
         `pixel_values`. With `config.instruction_aware_qformer`, `qformer_input_ids` `(N, T)` (and their mask) give
         each image's instruction in the Q-Former's vocabulary; otherwise they are not read.
+
+        `image_index` `(M,)` shows images more than once without encoding them again (e.g. one image asked several
+        questions, each in a turn of its own): copy `m` shows image `image_index[m]`, with the instruction of row `m`
+        of `qformer_input_ids` `(M, T)`; the vision encoder runs once per image and the result is
+        `(M, num_query_tokens, lm_hidden_size)`.
         """
+        images = len(pixel_values) if vision_features is None else len(vision_features)
+        if image_index is not None and len(image_index) and not 0 <= int(image_index.min()) <= int(
+                image_index.max()) < images:
+            raise ValueError(f"image_index holds {image_index.tolist()}: each entry is an image, from 0 to {images - 1}")
+        copies = images if image_index is None else len(image_index)
         if not self.config.instruction_aware_qformer:
-            qformer_input_ids = qformer_attention_mask = None
-        elif qformer_input_ids is None:
+            features = self.adapter(self.qformer.get_query_outputs(pixel_values, vision_features))
+            return features if image_index is None else features[image_index]
+        if qformer_input_ids is None:
             raise ValueError("this model's Q-Former reads the instruction (instruction_aware_qformer): pass the "
                              "processor's qformer_input_ids and qformer_attention_mask, one row per image")
-        else:
-            images = len(pixel_values) if vision_features is None else len(vision_features)
-            if len(qformer_input_ids) != images:
-                raise ValueError(f"qformer_input_ids has {len(qformer_input_ids)} rows for {images} images; it needs "
-                                 "one instruction per image, as the processor gives")
+        if len(qformer_input_ids) != copies:
+            raise ValueError(f"qformer_input_ids has {len(qformer_input_ids)} rows for {copies} images; it needs "
+                             "one instruction per image (per entry of image_index when given), as the processor gives")
+        if image_index is not None:
+            if vision_features is None:
+                vision_features = self.qformer.get_vision_features(pixel_values)
+            vision_features = vision_features[image_index]
         return self.adapter(self.qformer.get_query_outputs(
             pixel_values, vision_features, instruction_ids=qformer_input_ids, instruction_mask=qformer_attention_mask))
 
@@ -190,6 +204,7 @@ class VLMModel(VLMPreTrainedModel):
         vision_features: torch.FloatTensor | None = None,
         qformer_input_ids: torch.LongTensor | None = None,
         qformer_attention_mask: torch.LongTensor | None = None,
+        image_index: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         **kwargs,
     ) -> VLMModelOutputWithPast:
@@ -210,6 +225,10 @@ class VLMModel(VLMPreTrainedModel):
                 with `config.instruction_aware_qformer`; the processor returns them.
             qformer_attention_mask (`torch.LongTensor` of shape `(num_images, instruction_length)`, *optional*):
                 1 for instruction tokens, 0 for padding.
+            image_index (`torch.LongTensor` of shape `(num_copies,)`, *optional*):
+                For prompts that show images more than once (the collator's separate turns, each with its own copy):
+                the image each copy shows, in the order of the copies' image tokens. Each image is encoded once;
+                with `qformer_input_ids` (one row per copy) each copy's visual tokens read its own instruction.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
@@ -220,7 +239,7 @@ class VLMModel(VLMPreTrainedModel):
                 vision_features is not None and len(vision_features))
             if has_images:
                 image_features = self.get_image_features(
-                    pixel_values, vision_features, qformer_input_ids, qformer_attention_mask)
+                    pixel_values, vision_features, qformer_input_ids, qformer_attention_mask, image_index)
                 inputs_embeds = self.merge_image_features(input_ids, inputs_embeds, image_features)
             elif (input_ids == self.config.image_token_id).any():
                 raise ValueError("the prompts hold image tokens but no pixel_values or vision_features were given")
@@ -348,9 +367,11 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
         vision_features: torch.Tensor | None = None,
         qformer_input_ids: torch.Tensor | None = None,
         qformer_attention_mask: torch.Tensor | None = None,
+        image_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """See [`VLMModel.get_image_features`]: `(N, 3, H, W)` -> `(N, num_query_tokens, lm_hidden_size)`."""
-        return self.model.get_image_features(pixel_values, vision_features, qformer_input_ids, qformer_attention_mask)
+        return self.model.get_image_features(pixel_values, vision_features, qformer_input_ids, qformer_attention_mask,
+                                             image_index)
 
     def forward(
         self,
@@ -364,6 +385,7 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
         vision_features: torch.FloatTensor | None = None,
         qformer_input_ids: torch.LongTensor | None = None,
         qformer_attention_mask: torch.LongTensor | None = None,
+        image_index: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         num_items_in_batch: int | torch.Tensor | None = None,
@@ -372,7 +394,7 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
         r"""
         Args:
             input_ids, pixel_values, attention_mask, position_ids, cache, inputs_embeds, vision_features,
-            qformer_input_ids, qformer_attention_mask:
+            qformer_input_ids, qformer_attention_mask, image_index:
                 as in [`VLMModel.forward`]; `pixel_values` is `(num_images, 3, height, width)` for the whole batch.
             labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
                 Target ids aligned with `input_ids`; -100 everywhere except the answer tokens.
@@ -392,6 +414,7 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
             vision_features=vision_features,
             qformer_input_ids=qformer_input_ids,
             qformer_attention_mask=qformer_attention_mask,
+            image_index=image_index,
             use_cache=use_cache if labels is None else False,
             **kwargs,
         )
@@ -431,7 +454,7 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
         # Visual tokens are already in the KV cache after the prefill step: only the prompt step needs features and
         # instructions (transformers drops `pixel_values` itself).
         if not is_first_iteration and kwargs.get("use_cache", True):
-            for name in ("vision_features", "qformer_input_ids", "qformer_attention_mask"):
+            for name in ("vision_features", "qformer_input_ids", "qformer_attention_mask", "image_index"):
                 kwargs.pop(name, None)
         return super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
 

@@ -114,7 +114,8 @@ class ConversationCollator:
         qa_turns, with_caption, seed, instructions: how rows of the caption + question-answer layout become
             conversations (see `CaptionQAConversations`).
         pixel_format: "float" (the image processor's output), "uint8" (normalised on the device by
-            `DeviceNormalizeMixin`) or "none" (a feature cache supplies `vision_features`).
+            `DeviceNormalizeMixin`) or "none" (a feature cache supplies `vision_features`: the batch names the rows
+            whose images it holds in `image_rows`, for `FeatureCacheCollator`).
         separate_turns: every user turn sees the conversation's images and its own question only, as evaluation asks
             them, never an earlier turn (whose caption or answers would give the answer away as text). For
             conversations whose images all open the first user turn (the caption + question-answer layout). The
@@ -125,7 +126,8 @@ class ConversationCollator:
         instruction_aware: the model's Q-Former reads instructions (`VLMConfig.instruction_aware_qformer`): the batch
             gives each image the text of the user turn that holds it as `qformer_input_ids`/`qformer_attention_mask`.
             With `separate_turns` every turn then has its own copy of the images, whose visual tokens read its own
-            question.
+            question; the batch holds each image once and `image_index` says which image each copy shows,
+            so the vision encoder runs once per image.
     """
 
     processor: object
@@ -246,13 +248,24 @@ class ConversationCollator:
             batch = self._padded([e for e in encoded if e is not None])
             instructions = [turn_instructions(c["turns"]) if e is not None else []
                             for c, e in zip(conversations, encoded)]
-        # Each sequence holds its conversation's images once per entry of its instructions (one per image).
-        images = [image for c, own in zip(conversations, instructions)
-                  for _ in range(len(own) // max(len(c["images"]), 1)) for image in c["images"]]
+        # Each kept conversation's images, once; a sequence holds them once per entry of its instructions (one per
+        # image and copy): with several copies, `image_index` says which image each copy shows.
+        images, image_index = [], []
+        for conversation, own in zip(conversations, instructions):
+            if own:
+                count = len(conversation["images"])
+                image_index += [len(images) + i % count for i in range(len(own))]
+                images += conversation["images"]
         if images:
             batch.update(pixel_batch(self.processor.image_processor, images, self.pixel_format))
+            if self.pixel_format == "none":
+                batch["image_rows"] = torch.tensor([i for i, own in enumerate(instructions) if own])
+            if len(image_index) != len(images):
+                batch["image_index"] = torch.tensor(image_index)
             if self.instruction_aware:
                 batch.update(self.processor.qformer_inputs([text for own in instructions for text in own]))
+        elif self.pixel_format == "none":
+            batch["image_rows"] = torch.zeros(0, dtype=torch.long)
         return batch
 
     def _padded(self, encoded: list[tuple[list[int], list[bool]]]) -> dict[str, torch.Tensor]:

@@ -272,7 +272,9 @@ class FeatureCacheCollator:
 
     def __call__(self, rows: Sequence[dict]) -> dict[str, torch.Tensor]:
         batch = self.collator(rows)
-        features = self.cache.features([image_id(row["image"]) for row in rows])
+        # A conversation collator names the rows whose images its batch holds (it leaves out over-long samples).
+        kept = batch.pop("image_rows").tolist() if "image_rows" in batch else range(len(rows))
+        features = self.cache.features([image_id(rows[i]["image"]) for i in kept])
         batch["vision_features"] = features if self.dtype is None else features.to(self.dtype)
         return batch
 

@@ -74,6 +74,30 @@ def test_padding_of_the_instruction_changes_no_query(shape_images, attn_implemen
     assert (swapped - both).abs().amax(dim=-1).min() > 1e-3
 
 
+@pytest.mark.parametrize("instruction_aware", [False, True])
+def test_image_index_encodes_each_image_once(shape_images, instruction_aware):
+    """Copies of an image named by `image_index` get the visual tokens of the image repeated, each reading its own
+    instruction, from one pass of the vision encoder per image."""
+    model, processor = instruction_vlm() if instruction_aware else (tiny_vlm_and_processor()[0].eval(), None)
+    processor = processor or tiny_vlm_and_processor()[1]
+    pixels = processor.image_processor(shape_images[:2], return_tensors="pt")["pixel_values"]
+    index = torch.tensor([0, 0, 1, 0])
+    asked = processor.qformer_inputs(["what is it?", QUESTIONS[0], QUESTIONS[1], "where?"])
+    encoded = []
+    model.qformer.vision_model.register_forward_hook(lambda module, args, out: encoded.append(len(out[0])))
+    with torch.no_grad():
+        shared = model.get_image_features(pixels, **asked, image_index=index)
+        repeated = model.get_image_features(pixels[index], **asked)
+    assert encoded == [2, 4]
+    torch.testing.assert_close(shared, repeated, atol=1e-5, rtol=1e-5)
+    assert (shared[0] - shared[1]).abs().max() > 1e-3 if instruction_aware else torch.equal(shared[0], shared[1])
+    with pytest.raises(ValueError, match="each entry is an image, from 0 to 1"):
+        model.get_image_features(pixels, **asked, image_index=torch.tensor([0, 2, 1, 0]))
+    if instruction_aware:
+        with pytest.raises(ValueError, match="per entry of image_index"):
+            model.get_image_features(pixels, **asked, image_index=torch.tensor([0, 1]))
+
+
 def test_the_option_off_ignores_instructions(tiny_vlm, shape_images):
     model, processor = tiny_vlm
     pixels = processor.image_processor(shape_images[:2], return_tensors="pt")["pixel_values"]

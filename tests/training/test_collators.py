@@ -104,7 +104,12 @@ def test_separate_turns_equal_one_conversation_per_turn(shapes_data, layout):
     copies = (shared["input_ids"] == processor.image_token_id).sum(dim=1) // processor.num_query_tokens
     turns_per_row = torch.tensor([1 + len(row["qa"]) for row in rows])
     assert torch.equal(copies, turns_per_row if layout != "image first" else torch.ones_like(copies))
-    assert len(shared["pixel_values"]) == int(copies.sum())
+    # Each image is in the batch once; image_index names the image of each copy, row by row.
+    assert len(shared["pixel_values"]) == len(rows)
+    if layout == "image first":
+        assert "image_index" not in shared
+    else:
+        assert shared["image_index"].tolist() == [i for i, n in enumerate(copies.tolist()) for _ in range(n)]
     assert ("qformer_input_ids" in shared) == instruction_aware
     if instruction_aware:
         asked = processor.qformer_tokenizer.batch_decode(shared["qformer_input_ids"], skip_special_tokens=True)

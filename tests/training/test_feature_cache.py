@@ -65,6 +65,26 @@ def test_stage2_cached_features_give_the_pixel_loss(rows, tmp_path):
     torch.testing.assert_close(model(**reordered).loss, model(**pixels).loss, **TIGHT)
 
 
+def test_cached_features_follow_the_collators_copies_and_left_out_samples(rows, tmp_path):
+    """Separate turns with an instruction-aware Q-Former show each image once per turn, and an over-long sample is
+    left out of its batch: the cached features must follow the images the batch holds, not the rows it was given."""
+    model, processor = frozen_vlm(instruction_aware_qformer=True)
+    cache = build(model, processor, rows, tmp_path)
+    words = " ".join(["a red circle"] * 40)
+    long = {**rows[1], "key": "long", "caption": words, "qa": [{**rows[1]["qa"][0], "answer": words}]}
+    batch_rows = [rows[0], long, rows[2]]
+    decoded, raw = decoded_and_raw(batch_rows)
+    settings = {"max_length": 72, "qa_turns": 1, "separate_turns": True, "instruction_aware": True}
+    pixels_collator = ConversationCollator(processor, **settings)
+    pixels = pixels_collator(decoded)
+    assert list(pixels_collator.samples_left_out) == ["long"]
+    cached = FeatureCacheCollator(ConversationCollator(processor, pixel_format="none", **settings), cache)(raw)
+    assert len(cached["vision_features"]) == len(pixels["pixel_values"]) == 2 and "image_rows" not in cached
+    assert cached["image_index"].tolist() == pixels["image_index"].tolist() == [0, 0, 1, 1]
+    model.eval()
+    torch.testing.assert_close(model(**cached).loss, model(**pixels).loss, **TIGHT)
+
+
 def test_a_vlm_finds_the_cache_its_stage1_model_built(rows, tmp_path):
     qformer, processor = frozen_qformer()
     build(qformer, processor, rows, tmp_path, dtype=torch.bfloat16)
