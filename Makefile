@@ -27,8 +27,8 @@ lint: install
 	$(PY) -m ruff check .
 
 # Two test files at a time (pytest-xdist; a file's tests stay together, so its fixtures are built once): most tests
-# are single-threaded subprocesses, which one core each keeps busy (526 s for the suite on 2 cores here). The base
-# recipe at real sizes (GBs, ~3 CPU-minutes) has its own target.
+# are single-threaded subprocesses, which one core each keeps busy (docs/measurements.md has the suite's time). The
+# base recipe at real sizes (GBs, minutes of CPU) has its own target.
 test: lint
 	$(PY) -m pytest -q -n 2 --dist loadfile -m "not base_size" tests
 

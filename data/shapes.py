@@ -206,11 +206,11 @@ def _count_phrase(n: int) -> str:
 # Every template names an object's size and shape first, then its colour, and its position last ("a small triangle
 # that is green in the top left"): colour never directly follows the size or the shape. With "a small green
 # triangle", the language model predicts the shape right after the colour word, and training text in which "green" is
-# never followed by "triangle" taught it to write "green square" for a green triangle it had never seen (0-17 of
-# 110-123 named right in three whole runs; with the colour named apart, stage 2 on one stage-1 model named 91 and 95
-# of 118, docs/tiny-recipe.md round eight). The position comes after the whole description, as "where is the small
-# green triangle?" asks: with only stage 2 retrained on two stage-1 models, position answers went from 0.602 / 0.610
-# (the position between the shape and the colour) to 0.699 / 0.696; whole runs gave 0.621-0.639 (round nine).
+# never followed by "triangle" taught it to write "green square" for a green triangle it had never seen (few named
+# right in whole runs; with the colour named apart, stage 2 on one stage-1 model named most of them right,
+# docs/tiny-recipe.md rounds seven and eight). The position comes after the whole description, as "where is the
+# small green triangle?" asks: with only stage 2 retrained on two stage-1 models, position answers were better than
+# with the position between the shape and the colour (round nine).
 # Each template is (its opening, one object's words, at most 10); the objects are joined with commas and "and", and
 # the opening may name their count. Every template names every attribute of every object, so each parses back exactly.
 TEMPLATES = (
@@ -224,9 +224,9 @@ TEMPLATES = (
 
 # The same five paraphrases with each object named "size colour shape" ("a small green triangle in the top left"),
 # for stage 1's contrastive text encoder: its two layers bind the colour to its object best when the two words are
-# adjacent (R@1 0.89-0.91 on one seed, against 0.79 with two or three words between and 0.62 with five or six), and
-# the language model trained on a stage 1 that read this order answered position questions 0.60-0.85 in five runs,
-# against 0.60-0.64 in six of seven on one that read the colour last (docs/tiny-recipe.md, round eight).
+# adjacent (R@1 fell the more words stood between them), and the language model trained on a stage 1 that read this
+# order answered position questions better than on one that read the colour last (docs/tiny-recipe.md, round
+# eight).
 COLOR_FIRST_TEMPLATES = (
     ("", "a {size} {color} {shape} in the {where}"),
     ("{count}: ", "a {size} {color} {shape} at the {where}"),

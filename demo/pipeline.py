@@ -49,7 +49,7 @@ def parse_demo_args(argv: list[str] | None):
     parser.add_argument("--stage2-steps", type=positive_int, default=None, help="override max_steps of stage 2")
     parser.add_argument("--eval-samples", type=positive_int, default=None,
                         help="evaluate on the first N validation samples")
-    # The untrained models score about zero; a smaller sample tells that as well and saves a minute or more.
+    # The untrained models score about zero; a smaller sample tells that as well, in less time.
     parser.add_argument("--untrained-eval-samples", type=positive_int, default=100,
                         help="evaluate the untrained baselines on the first N validation samples (default 100)")
     parser.add_argument("--holdout", nargs="*", default=DEFAULT_HOLDOUTS, metavar="COMBO",

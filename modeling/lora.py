@@ -1,9 +1,9 @@
 """LoRA on the VLM's language model, with the Q-Former and the MLP adapter trained fully beside it.
 
 peft's `modules_to_save` would keep a trainable copy of each named module next to the original. For the Q-Former
-that copies the frozen vision encoder too: at the base recipe's sizes, 546M parameters in memory where the parts add
-up to ~350M, and an 822 MB adapter folder holding 198 vision tensors. Here the fully trained parts keep
-`requires_grad` in place instead (no copy), and `save_adapter` writes them beside peft's LoRA file, in
+that copies the frozen vision encoder too: at the base recipe's sizes, far more parameters in memory than the parts
+add up to, and an adapter folder holding the frozen vision tensors (docs/measurements.md). Here the fully trained
+parts keep `requires_grad` in place instead (no copy), and `save_adapter` writes them beside peft's LoRA file, in
 `NON_LORA_WEIGHTS` (LLaVA keeps the same kind of file for its projector). The adapter folder then holds LoRA, the
 Q-Former's trained weights and the MLP adapter, and nothing frozen.
 """

@@ -35,8 +35,8 @@ def _all_gather_dim0(tensor: torch.Tensor) -> torch.Tensor:
     # torch's functional collectives carry gradients back with a sum over processes (a
     # reduce-scatter). Not torch.distributed.nn.functional.all_gather: on gloo (torch 2.13) its
     # backward returns wrong gradients when the incoming gradient is non-contiguous, which the
-    # "max" similarity produces. all_gather_single is the 2.13 name; older torch (e.g. 2.11 on
-    # the GPU machine) has the same op as all_gather_tensor_autograd.
+    # "max" similarity produces. all_gather_single is the 2.13 name; older torch has the same op
+    # as all_gather_tensor_autograd.
     from torch.distributed import _functional_collectives as functional
 
     gather = getattr(functional, "all_gather_single", None) or functional.all_gather_tensor_autograd

@@ -114,7 +114,7 @@ def attn_implementation_field():
         default=None,
         metadata={"help": "Attention kernels of every part of the model (vision encoder, Q-Former, language model): "
                           "sdpa or eager. Unset: transformers' default (sdpa). On CPUs eager can be faster: the tiny "
-                          "stage-2 step took 0.35 s instead of 0.50 s (configs/tiny/stage2.yaml)."},
+                          "stage-2 preset uses it (configs/tiny/stage2.yaml)."},
     )
 
 

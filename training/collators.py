@@ -24,7 +24,7 @@ class ContrastiveCollator:
         processor: the stage-1 processor (image processor + BERT-family tokenizer).
         max_length: caption tokens (longer captions are cut; the loader already bounds them in characters). A batch
             is padded to its longest caption only: every text output used is the first token's, and shorter
-            batches cost less (11% of the tiny stage-1 step).
+            batches cost less (docs/tiny-recipe.md, round three).
         hard_negatives: how many counterfactual captions per image to add (`negative_input_ids`,
             `(B * hard_negatives, L)`); rows with fewer cycle through theirs. A row with none is an error, because
             any stand-in caption could be a false negative.

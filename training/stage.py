@@ -57,8 +57,8 @@ def keep_token_out_of_files(training_args: TrainingArguments) -> None:
 
 def cpu_has_bf16() -> bool:
     """Whether this CPU multiplies bfloat16 in hardware (AVX-512 BF16 or AMX). Without them PyTorch emulates it:
-    a matmul ran 3x slower in bfloat16 than in float32 on an AVX-512 Xeon that lacks them (docs/tiny-recipe.md,
-    round ten), where with them it ran 4x faster."""
+    a matmul ran slower in bfloat16 than in float32 on an AVX-512 Xeon that lacks them (docs/tiny-recipe.md,
+    round ten), and faster on CPUs that have them (docs/measurements.md)."""
     capabilities = torch.cpu.get_capabilities()
     return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
 
