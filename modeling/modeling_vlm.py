@@ -156,9 +156,10 @@ class VLMModel(VLMPreTrainedModel):
         `(M, num_query_tokens, lm_hidden_size)`.
         """
         images = len(pixel_values) if vision_features is None else len(vision_features)
-        if image_index is not None and len(image_index) and not 0 <= int(image_index.min()) <= int(
-                image_index.max()) < images:
-            raise ValueError(f"image_index holds {image_index.tolist()}: each entry is an image, from 0 to {images - 1}")
+        if image_index is not None and len(image_index) and not (
+                0 <= int(image_index.min()) and int(image_index.max()) < images):
+            raise ValueError(f"image_index holds {image_index.tolist()}: each entry is an image, from 0 to "
+                             f"{images - 1}")
         copies = images if image_index is None else len(image_index)
         if not self.config.instruction_aware_qformer:
             features = self.adapter(self.qformer.get_query_outputs(pixel_values, vision_features))
