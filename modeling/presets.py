@@ -26,7 +26,7 @@ from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPi
 from .configuration_qformer import QFormerConfig
 from .modeling_qformer import QFormerModel
 from .modeling_vlm import VLMForConditionalGeneration
-from .processing_vlm import VLMProcessor, chatml_template
+from .processing_vlm import DEFAULT_CHAT_TEMPLATE, VLMProcessor
 from .tiny_tokenizers import train_chat_tokenizer, train_wordpiece_tokenizer
 
 # The tiny preset. Measured on the synthetic shapes set (docs/tiny-recipe.md has the runs behind each choice):
@@ -172,7 +172,6 @@ def build_vlm(
     corpus: Iterable[str] | None = None,
     lm: dict | None = None,
     lm_vocab_size: int = 800,
-    image_after_text: bool = False,
     **config_kwargs,
 ) -> tuple[VLMForConditionalGeneration, VLMProcessor]:
     """Assembles the stage-2 model and its processor from a stage-1 Q-Former.
@@ -181,8 +180,6 @@ def build_vlm(
         qformer / qformer_processor: the stage-1 model and processor (its image processor is reused).
         language_model: a causal LM name or path (SmolLM, Qwen3, ...). `None` builds the tiny LM with a chat
             tokenizer trained on `corpus` (captions, questions and answers); `lm` overrides `TINY_LM`.
-        image_after_text: the processor's chat template puts a message's image after its text
-            (`modeling.processing_vlm.chatml_template`).
         config_kwargs: other `VLMConfig` fields.
     """
     if language_model is None:
@@ -196,14 +193,13 @@ def build_vlm(
         # transformers 5 keeps by default): `bf16` then means autocast over float32 weights, as for the Q-Former,
         # rather than an LM that trains, merges LoRA and is saved in bfloat16 even with `bf16: false`.
         lm_model = AutoModelForCausalLM.from_pretrained(language_model, dtype=torch.float32)
-    chat_template = chatml_template(image_after_text)
     if language_model is None:
-        tokenizer.chat_template = chat_template  # the tiny tokenizer's own template says the same
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE  # the tiny tokenizer's own template says the same
     processor = VLMProcessor(
         image_processor=qformer_processor.image_processor,
         tokenizer=tokenizer,
         qformer_tokenizer=qformer_processor.tokenizer,
-        chat_template=chat_template,
+        chat_template=DEFAULT_CHAT_TEMPLATE,
         num_query_tokens=qformer.config.num_query_tokens,
     )
     model = VLMForConditionalGeneration.from_qformer_and_lm(

@@ -10,36 +10,23 @@ import re
 
 from transformers import BatchFeature, ProcessorMixin
 
-
-def chatml_template(image_after_text: bool = False) -> str:
-    """A minimal ChatML template (the format of SmolLM-Instruct and Qwen3); an image item renders as the placeholder.
-
-    With `image_after_text`, a message's text comes first and its image after it, wherever the image item stands
-    in the message: the visual tokens then follow the question and can attend to it, so each one can tell whether
-    it is what the question names (docs/tiny-recipe.md, round ten).
-    """
-    if image_after_text:
-        content = ("{% for item in message['content'] if item['type'] == 'text' %}{{ item['text'] }}{% endfor %}"
-                   "{% for item in message['content'] if item['type'] == 'image' %}{{ '<image>' }}{% endfor %}")
-    else:
-        content = ("{% for item in message['content'] %}{% if item['type'] == 'image' %}{{ '<image>' }}"
-                   "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}")
-    # An assistant message's text and its end token sit inside {% generation %}: `apply_chat_template(...,
-    # return_assistant_tokens_mask=True)` then marks the tokens a model learns, as the training collator labels them
-    # (TRL's SFTTrainer trains on them with assistant_only_loss=True).
-    body = "{% if message['content'] is string %}{{ message['content'] }}{% else %}" + content + "{% endif %}"
-    return (
-        "{% for message in messages %}"
-        "{{ '<|im_start|>' + message['role'] + '\n' }}"
-        "{% if message['role'] == 'assistant' %}{% generation %}" + body + "{{ '<|im_end|>' }}{% endgeneration %}"
-        "{% else %}" + body + "{{ '<|im_end|>' }}{% endif %}"
-        "{{ '\n' }}"
-        "{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-    )
-
-
-DEFAULT_CHAT_TEMPLATE = chatml_template()
+# A minimal ChatML template (the format of SmolLM-Instruct and Qwen3): a message's items in their order, an image item
+# as the placeholder (a caller that wants the image after the question puts its item there). An assistant message's
+# text and its end token sit inside {% generation %}: `apply_chat_template(..., return_assistant_tokens_mask=True)`
+# then marks the tokens a model learns, as the training collator labels them (TRL's SFTTrainer trains on them with
+# assistant_only_loss=True).
+_CONTENT = ("{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+            "{% for item in message['content'] %}{% if item['type'] == 'image' %}{{ '<image>' }}"
+            "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}")
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['role'] == 'assistant' %}{% generation %}" + _CONTENT + "{{ '<|im_end|>' }}{% endgeneration %}"
+    "{% else %}" + _CONTENT + "{{ '<|im_end|>' }}{% endif %}"
+    "{{ '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 
 
 class VLMProcessor(ProcessorMixin):

@@ -30,12 +30,11 @@ def tiny_qformer_and_processor(**config_kwargs):
     return build_tiny_qformer(TINY_CORPUS * 5, text_vocab_size=300, **kwargs)
 
 
-def tiny_vlm_and_processor(image_after_text: bool = False, instruction_aware_qformer: bool = False,
-                           **qformer_kwargs):
+def tiny_vlm_and_processor(instruction_aware_qformer: bool = False, **qformer_kwargs):
     qformer, qformer_processor = tiny_qformer_and_processor(**qformer_kwargs)
     torch.manual_seed(1)
     return build_vlm(qformer, qformer_processor, corpus=TINY_CORPUS * 5, lm=TINY_LM, lm_vocab_size=400,
-                     image_after_text=image_after_text, instruction_aware_qformer=instruction_aware_qformer)
+                     instruction_aware_qformer=instruction_aware_qformer)
 
 
 @pytest.fixture

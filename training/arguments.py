@@ -198,11 +198,6 @@ class VLMModelArguments:
     freeze_qformer: bool = field(
         default=False, metadata={"help": "Keep the stage-1 Q-Former fixed; only the adapter and the LM train."}
     )
-    image_after_text: bool = field(
-        default=False,
-        metadata={"help": "Chat template of a new processor: the image after the user's text in a message, so that "
-                          "the visual tokens can attend to the question (a saved VLM keeps its own template)."},
-    )
     attn_implementation: Literal["sdpa", "eager"] | None = attn_implementation_field()
 
     def __post_init__(self):
@@ -211,9 +206,6 @@ class VLMModelArguments:
             raise UserError(
                 "stage 2 needs --qformer_name_or_path (the stage-1 output folder) or --model_name_or_path (a saved VLM)"
             )
-        if self.model_name_or_path and self.image_after_text:
-            raise UserError("image_after_text is for a new VLM; a saved VLM (--model_name_or_path) keeps its own: "
-                            "leave image_after_text out")
         check_at_least({"lm_vocab_size": self.lm_vocab_size}, 50)
         check_at_least({"lora_r": self.lora_r, "lora_alpha": self.lora_alpha}, 1)
         check_at_least({"qformer_learning_rate": self.qformer_learning_rate, "lora_dropout": self.lora_dropout}, 0)

@@ -119,10 +119,9 @@ class ConversationCollator:
         separate_turns: every user turn sees the conversation's images and its own question only, as evaluation asks
             them, never an earlier turn (whose caption or answers would give the answer away as text). For
             conversations whose images all open the first user turn (the caption + question-answer layout). The
-            turns share one copy of what they all start with (the images, when the chat template puts them first;
-            with the image after the question each turn has its own copy, and the images are repeated to match):
-            each turn's tokens get the positions and the attention they would have in a conversation of its own (a
-            `(B, 1, T, T)` boolean `attention_mask` and `position_ids`).
+            turns share one copy of what they all start with (the images, unless `instruction_aware` gives each turn
+            its own): each turn's tokens get the positions and the attention they would have in a conversation of
+            its own (a `(B, 1, T, T)` boolean `attention_mask` and `position_ids`).
         instruction_aware: the model's Q-Former reads instructions (`VLMConfig.instruction_aware_qformer`): the batch
             gives each image the text of the user turn that holds it as `qformer_input_ids`/`qformer_attention_mask`.
             With `separate_turns` every turn then has its own copy of the images, whose visual tokens read its own
@@ -292,11 +291,11 @@ class ConversationCollator:
         return cached
 
     def _shared_prefix_batch(self, conversations: Sequence[dict]) -> tuple[dict[str, torch.Tensor], list[int]]:
-        """One sequence per conversation: the tokens every exchange starts with once (the images, when the chat
-        template puts them first), then every exchange's own tokens, each placed (positions) and masked (attention)
-        as if it followed that prefix alone. An exchange that would not fit whole is left out, with those after it.
-        With `instruction_aware` the prefix ends before the images: each exchange has its own copy of them. Also the
-        instruction of each image copy of each sequence (its exchange's question), one list per conversation."""
+        """One sequence per conversation: the tokens every exchange starts with once (the images), then every
+        exchange's own tokens, each placed (positions) and masked (attention) as if it followed that prefix alone.
+        An exchange that would not fit whole is left out, with those after it. With `instruction_aware` the prefix
+        ends before the images: each exchange has its own copy of them. Also the instruction of each image copy of
+        each sequence (its exchange's question), one list per conversation."""
         pad_id, image_id = self.processor.tokenizer.pad_token_id, self.processor.image_token_id
         sequences, instructions = [], []
         for conversation in conversations:

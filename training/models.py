@@ -94,7 +94,7 @@ def build_stage2_model(
             model, processor = build_vlm(
                 qformer, qformer_processor, language_model=language_model,
                 corpus=None if language_model else corpus(), lm=model_args.lm_config,
-                lm_vocab_size=model_args.lm_vocab_size, image_after_text=model_args.image_after_text,
+                lm_vocab_size=model_args.lm_vocab_size,
                 **settings,
             )
         if resume_from is not None and language_model is None:

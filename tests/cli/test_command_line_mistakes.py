@@ -133,8 +133,6 @@ def _cases(w: dict[str, str], out: str) -> dict[str, tuple[list[str], list[str]]
         "missing weights": ([*v, *v_args, "--qformer_name_or_path", w["no_weights"]],
                             [f"{w['no_weights']}/model.safetensors", "missing"]),
         "a yaml that extends itself": ([*q, w["cycle.yaml"]], [f"{w['cycle.yaml']} line 2", "break the cycle"]),
-        "a template for a saved VLM": ([*v, *v_args, "--model_name_or_path", w["vlm"], "--image_after_text", "true"],
-                                       ["image_after_text is for a new VLM", "leave image_after_text out"]),
         "decay longer than the run": ([*v, *v_args, "--max_steps", "100", "--lr_scheduler_type", "warmup_stable_decay",
                                        "--lr_scheduler_kwargs", '{"num_decay_steps": 200}'],
                                       ["num_decay_steps 200", "max_steps 100", "at most 70"]),

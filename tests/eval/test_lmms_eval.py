@@ -49,10 +49,10 @@ def test_processor_pads_on_the_left_unless_told(tiny_vlm, shape_images):
 def bf16_vlm(tmp_path_factory):
     """A saved tiny VLM in bfloat16 (lmms-eval's huggingface model always loads in bfloat16; `python -m eval` keeps
     the saved dtype), with spread weights and only whole words or the end of the turn allowed out, so that its
-    answers differ between questions and a wrong prompt, image or decoding shows. Its chat template puts the image
-    after the question, and its Q-Former reads the question (instruction_aware_qformer): lmms-eval builds messages
-    with the image first and passes the processor's outputs on, and must still ask the way training did."""
-    model, processor = tiny_vlm_and_processor(image_after_text=True, instruction_aware_qformer=True)
+    answers differ between questions and a wrong prompt, image or decoding shows. Its Q-Former reads the question
+    (instruction_aware_qformer): lmms-eval renders the saved chat template and passes the processor's outputs on,
+    the Q-Former's ids included, and must ask the way training did."""
+    model, processor = tiny_vlm_and_processor(instruction_aware_qformer=True)
     torch.manual_seed(3)
     with torch.no_grad():
         for param in [*model.language_model.parameters(), *model.qformer.query_transformer.parameters()]:

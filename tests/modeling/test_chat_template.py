@@ -1,33 +1,30 @@
-"""The processor's chat template with the image after the text (`image_after_text`): where it puts the image, that
-it travels with a saved processor (so every harness that renders prompts with it, lmms-eval, the app and `python -m
-eval`, asks as training did), and that generation handles the image inside the prompt."""
+"""The processor's chat template: a message's items in their order (the image where its item stands), that it
+travels with a saved processor (so every harness that renders prompts with it, lmms-eval, the app and `python -m
+eval`, asks as training did), and that generation handles an image inside the prompt."""
 
 import torch
 from transformers import AutoProcessor
 
-from modeling.processing_vlm import DEFAULT_CHAT_TEMPLATE, chatml_template
+from modeling.processing_vlm import DEFAULT_CHAT_TEMPLATE
 from tests.conftest import tiny_vlm_and_processor
 from tests.helpers import run_isolated
 
 QUESTIONS = ["where is the small red circle? how many shapes are there?", "describe the image."]
 
 
-def _messages(question: str) -> list[dict]:
-    # The image item first, as LLaVA-style callers (lmms-eval, transformers' pipeline) build a message.
-    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+def _messages(question: str, image_first: bool = True) -> list[dict]:
+    # The image item first is how LLaVA-style callers (lmms-eval, transformers' pipeline) build a message.
+    items = [{"type": "image"}, {"type": "text", "text": question}]
+    return [{"role": "user", "content": items if image_first else items[::-1]}]
 
 
-def _vlm(image_after_text: bool):
-    return tiny_vlm_and_processor(image_after_text=image_after_text)
-
-
-def test_the_image_goes_where_the_template_says():
-    _, processor = _vlm(image_after_text=False)
-    assert processor.chat_template == DEFAULT_CHAT_TEMPLATE == chatml_template(False)
+def test_the_image_goes_where_its_item_stands():
+    _, processor = tiny_vlm_and_processor()
+    assert processor.chat_template == DEFAULT_CHAT_TEMPLATE
     before = processor.apply_chat_template(_messages(QUESTIONS[0]), add_generation_prompt=True, tokenize=False)
     assert before == "<|im_start|>user\n<image>" + QUESTIONS[0] + "<|im_end|>\n<|im_start|>assistant\n"
-    _, processor = _vlm(image_after_text=True)
-    after = processor.apply_chat_template(_messages(QUESTIONS[0]), add_generation_prompt=True, tokenize=False)
+    after = processor.apply_chat_template(_messages(QUESTIONS[0], image_first=False), add_generation_prompt=True,
+                                          tokenize=False)
     assert after == "<|im_start|>user\n" + QUESTIONS[0] + "<image><|im_end|>\n<|im_start|>assistant\n"
     # The tiny tokenizer's own template says the same, and plain-string messages are unchanged.
     assert processor.tokenizer.chat_template == processor.chat_template
@@ -36,8 +33,8 @@ def test_the_image_goes_where_the_template_says():
         "<|im_start|>assistant\nhi<|im_end|>\n"
 
 
-def test_a_saved_processor_keeps_the_image_after_the_text(tmp_path):
-    model, processor = _vlm(image_after_text=True)
+def test_a_saved_processor_renders_as_the_training_one(tmp_path):
+    model, processor = tiny_vlm_and_processor()
     model.save_pretrained(tmp_path / "vlm")
     processor.save_pretrained(tmp_path / "vlm")
     # Loaded in a process that has never imported this project, as a harness loads it.
@@ -45,29 +42,29 @@ def test_a_saved_processor_keeps_the_image_after_the_text(tmp_path):
         f"""
         from transformers import AutoProcessor
         processor = AutoProcessor.from_pretrained("vlm", trust_remote_code=True)
-        messages = {_messages(QUESTIONS[0])!r}
+        messages = {_messages(QUESTIONS[0], image_first=False)!r}
         print(processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False), end="")
         """,
         cwd=tmp_path,
     )
-    assert prompt == processor.apply_chat_template(_messages(QUESTIONS[0]), add_generation_prompt=True,
-                                                   tokenize=False)
+    assert prompt == processor.apply_chat_template(_messages(QUESTIONS[0], image_first=False),
+                                                   add_generation_prompt=True, tokenize=False)
     assert AutoProcessor.from_pretrained(tmp_path / "vlm", trust_remote_code=True).chat_template == \
-        chatml_template(True)
+        DEFAULT_CHAT_TEMPLATE
 
 
 def test_generation_with_the_image_inside_the_prompt(shape_images):
     """Left-padded prompts whose image tokens start at different places give what each prompt gives alone, and
     the image still decides the answer."""
-    model, processor = _vlm(image_after_text=True)
+    model, processor = tiny_vlm_and_processor()
     torch.manual_seed(3)
     with torch.no_grad():
         for param in model.language_model.parameters():
             if param.dim() > 1:
                 param.normal_(std=0.3)  # widely spread weights: greedy decoding is not a chain of near-ties
     model.eval()
-    prompts = [processor.apply_chat_template(_messages(q), add_generation_prompt=True, tokenize=False)
-               for q in QUESTIONS]
+    prompts = [processor.apply_chat_template(_messages(q, image_first=False), add_generation_prompt=True,
+                                             tokenize=False) for q in QUESTIONS]
     batch = processor(images=shape_images[:2], text=prompts, padding=True, return_tensors="pt")
     assert (batch["attention_mask"][1] == 0).any(), "the shorter prompt must be padded for this test to mean anything"
     for row, mask in zip(batch["input_ids"], batch["attention_mask"]):

@@ -80,19 +80,18 @@ def test_the_same_sample_gets_the_same_conversation_in_any_batch(rows_and_proces
     assert torch.equal(together["labels"][3, :length], alone["labels"][0, :length])
 
 
-@pytest.mark.parametrize("layout", ["image first", "image_after_text", "instruction_aware"])
+@pytest.mark.parametrize("layout", ["image first", "instruction_aware"])
 def test_separate_turns_equal_one_conversation_per_turn(shapes_data, layout):
     """With separate_turns each turn must see the image and its own question only: the shared-prefix batch gives
-    every answer token the logits it gets in a conversation of its own (the way evaluation asks), whether the chat
-    template puts the image before the question (one copy for all turns) or after it (a copy in every turn), or the
-    Q-Former reads each question (a copy in every turn, its visual tokens drawn for that question)."""
+    every answer token the logits it gets in a conversation of its own (the way evaluation asks), whether all turns
+    share one copy of the image or the Q-Former reads each question (a copy in every turn, its visual tokens drawn
+    for that question)."""
     dataset = load_image_text_dataset(str(shapes_data), split="train")
     rows = [dataset[i] for i in range(NUM_ROWS)]
-    image_after_text, instruction_aware = layout == "image_after_text", layout == "instruction_aware"
+    instruction_aware = layout == "instruction_aware"
     qformer, qformer_processor = tiny_qformer_and_processor()
     model, processor = build_vlm(qformer, qformer_processor, corpus=text_corpus(dataset), lm=TINY_LM,
-                                 lm_vocab_size=300, image_after_text=image_after_text,
-                                 instruction_aware_qformer=instruction_aware)
+                                 lm_vocab_size=300, instruction_aware_qformer=instruction_aware)
     model.eval()
     collator = ConversationCollator(processor, max_length=1024, qa_turns=20, separate_turns=True,
                                     instruction_aware=instruction_aware)
@@ -132,8 +131,7 @@ def test_separate_turns_equal_one_conversation_per_turn(shapes_data, layout):
         for k, (question, answer) in enumerate(pairs):
             turns = [{"role": "user", "text": IMAGE_PLACEHOLDER + question}, {"role": "assistant", "text": answer}]
             text, _ = alone.render(turns)
-            assert text.index(processor.image_token) > text.index(question) if image_after_text else \
-                text.index(processor.image_token) < text.index(question)
+            assert text.index(processor.image_token) < text.index(question)
             ids = torch.tensor([alone.encode(turns)[0]])
             with torch.no_grad():
                 single = model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,
@@ -156,16 +154,18 @@ def test_separate_turns_equal_one_conversation_per_turn(shapes_data, layout):
 
 
 def test_a_turn_that_does_not_fit_whole_is_left_out(shapes_data):
-    """With the image after each question, a max_length that would cut a turn (its image tokens or its answer)
-    leaves the turn out, and the turns after it, rather than feeding the model a piece of an image or an answer."""
+    """With a copy of the image in every turn (an instruction-aware Q-Former reads each question), a max_length that
+    would cut a turn (its image tokens or its answer) leaves the turn out, and the turns after it, rather than
+    feeding the model a piece of an image or an answer."""
     dataset = load_image_text_dataset(str(shapes_data), split="train")
     rows = [dataset[i] for i in range(NUM_ROWS)]
     qformer, qformer_processor = tiny_qformer_and_processor()
     _, processor = build_vlm(qformer, qformer_processor, corpus=text_corpus(dataset), lm=TINY_LM, lm_vocab_size=300,
-                             image_after_text=True)
-    full = ConversationCollator(processor, max_length=1024, qa_turns=20, separate_turns=True)(rows)
+                             instruction_aware_qformer=True)
+    settings = {"qa_turns": 20, "separate_turns": True, "instruction_aware": True}
+    full = ConversationCollator(processor, max_length=1024, **settings)(rows)
     for max_length in (60, 97, 150):
-        batch = ConversationCollator(processor, max_length=max_length, qa_turns=20, separate_turns=True)(rows)
+        batch = ConversationCollator(processor, max_length=max_length, **settings)(rows)
         assert batch["input_ids"].shape[1] <= max_length
         for i in range(len(rows)):
             images = batch["input_ids"][i] == processor.image_token_id
