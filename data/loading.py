@@ -13,9 +13,9 @@ Every source goes through the same cleaning (`data.cleaning.clean_sample`), so e
 
 Bad samples never stop a load: each is skipped or repaired and counted by reason in a `SkipReport`
 (see `data.sanitize` for the reasons). The cleaning step writes the verdict into hidden columns,
-which are counted and dropped at the end; for a map-style dataset that happens at load time, also
-when `datasets` answers from its cache, so the counts are always those of the data. In streaming
-mode the report fills as the stream is read (in the process that reads it).
+which are counted and dropped at load time, also when `datasets` answers from its cache, so the counts
+are always those of the data. Training that reads shards while it runs goes through
+`data.streaming.ShardStream`, which cleans each sample with the same functions.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from dataclasses import asdict
 from typing import Any, Literal
 
 import datasets
-from datasets import Dataset, DatasetDict, Features, IterableDataset, IterableDatasetDict
+from datasets import Dataset, DatasetDict, Features
 
 from cli import UserError, closest
 
@@ -109,17 +109,14 @@ def _rows_from_shards(shards: list[dict[str, Any]], options: CleaningOptions) ->
 
 
 def _load_shards(
-    paths: Sequence[str], *, split: str, streaming: bool, options: CleaningOptions,
-    num_proc: int | None, cache_dir: str | None,
-) -> Dataset | IterableDataset:
+    paths: Sequence[str], *, split: str, options: CleaningOptions, num_proc: int | None, cache_dir: str | None,
+) -> Dataset:
     refs = list_shards(paths)
     check_text_fields(refs, options)
     folders = ", ".join(sorted({os.path.dirname(r.path) for r in refs}))
     logger.info("reading %d shards as split %r from %s", len(refs), split, folders)
     gen_kwargs = {"shards": [asdict(ref) for ref in refs], "options": options}
     features = cleaned_features(options.answer_lists)
-    if streaming:
-        return IterableDataset.from_generator(_rows_from_shards, features=features, gen_kwargs=gen_kwargs)
     return Dataset.from_generator(
         _rows_from_shards, features=features, gen_kwargs=gen_kwargs, split=datasets.NamedSplit(split),
         num_proc=num_proc if num_proc and num_proc > 1 and len(refs) > 1 else None, cache_dir=cache_dir,
@@ -174,21 +171,18 @@ def _resolve_columns(
 
 
 def _load_datasets_source(
-    source: str, *, split: str | None, streaming: bool, config_name: str | None, columns: dict[str, Any],
-    options: CleaningOptions, num_proc: int | None,
-) -> Dataset | IterableDataset:
-    raw = open_dataset(source, split=split, streaming=streaming, config_name=config_name)
+    source: str, *, split: str | None, config_name: str | None, columns: dict[str, Any], options: CleaningOptions,
+    num_proc: int | None,
+) -> Dataset:
+    raw = open_dataset(source, split=split, config_name=config_name)
     resolved = _resolve_columns(raw.features, source=source, **columns)
     options = CleaningOptions(**{**asdict(options), "require_caption": resolved["caption"] is not None})
     if isinstance(raw.features[resolved["image"]], datasets.Image):
         raw = raw.cast_column(resolved["image"], datasets.Image(decode=False))
-    map_kwargs: dict[str, Any] = {}
-    if not streaming:
-        fingerprint = _fingerprint(raw._fingerprint, resolved, asdict(options))
-        map_kwargs = {"num_proc": num_proc, "desc": "cleaning samples", "new_fingerprint": fingerprint}
     return raw.map(
         clean_dataset_row, with_indices=True, fn_kwargs={"columns": resolved, "options": options},
-        remove_columns=list(raw.features), features=cleaned_features(options.answer_lists), **map_kwargs,
+        remove_columns=list(raw.features), features=cleaned_features(options.answer_lists), num_proc=num_proc,
+        desc="cleaning samples", new_fingerprint=_fingerprint(raw._fingerprint, resolved, asdict(options)),
     )
 
 
@@ -201,30 +195,15 @@ def _is_kept(skips: list[str | None], problems: list[str | None]) -> list[bool]:
     return [skip is None and problem is None for skip, problem in zip(skips, problems)]
 
 
-def _count_and_drop(dataset: Dataset | IterableDataset, report: SkipReport, source: str) -> Dataset | IterableDataset:
+def _count_and_drop(dataset: Dataset, report: SkipReport, source: str) -> Dataset:
     hidden = list(HIDDEN_FEATURES)
-    if isinstance(dataset, IterableDataset):
-        first_seen: set[str] = set()
-
-        def keep(key: str, skip: str | None, repairs: list[str], problem: str | None) -> bool:
-            report.add(key, skip=skip, repairs=repairs, shard_problem=problem)
-            reason = problem or skip
-            if reason is not None and reason not in first_seen:
-                first_seen.add(reason)
-                logger.warning("skipping %s: %s (later ones are only counted; see the SkipReport)", key, reason)
-            return reason is None
-
-        dataset = dataset.filter(keep, input_columns=["key", *hidden])
-    else:
-        verdicts = dataset.select_columns(["key", *hidden])[:]
-        for key, skip, repairs, problem in zip(*(verdicts[c] for c in ["key", *hidden])):
-            report.add(key, skip=skip, repairs=repairs, shard_problem=problem)
-        report.log(logger, prefix=f"{source}: ")
-        dataset = dataset.filter(
-            _is_kept, input_columns=["_skip", "_shard_problem"], batched=True, desc="dropping skipped"
-        )
-        if len(dataset) == 0:
-            raise UserError(f"no usable samples in {source}: " + "; ".join(report.summary_lines()))
+    verdicts = dataset.select_columns(["key", *hidden])[:]
+    for key, skip, repairs, problem in zip(*(verdicts[c] for c in ["key", *hidden])):
+        report.add(key, skip=skip, repairs=repairs, shard_problem=problem)
+    report.log(logger, prefix=f"{source}: ")
+    dataset = dataset.filter(_is_kept, input_columns=["_skip", "_shard_problem"], batched=True, desc="dropping skipped")
+    if len(dataset) == 0:
+        raise UserError(f"no usable samples in {source}: " + "; ".join(report.summary_lines()))
     return dataset.remove_columns(hidden).cast_column("image", datasets.Image(mode="RGB"))
 
 
@@ -232,7 +211,6 @@ def load_image_text_dataset(
     source: str | os.PathLike | Sequence[str | os.PathLike],
     *,
     split: str | None = None,
-    streaming: bool = False,
     config_name: str | None = None,
     image_column: str | None = None,
     caption_column: str | None = None,
@@ -249,15 +227,15 @@ def load_image_text_dataset(
     num_proc: int | None = None,
     cache_dir: str | None = None,
     report: SkipReport | None = None,
-) -> Dataset | IterableDataset:
-    """Load image-text pairs (and question-answer pairs) from any supported source, cleaned.
+) -> Dataset:
+    """Load image-text pairs (and question-answer pairs) from any supported source, cleaned, as a map-style
+    `Dataset` (cached by `datasets`; `data.streaming.ShardStream` reads shards while training instead).
 
     Args:
         source: a folder of .tar shards (with `<split>/` sub-folders, as the shapes generator writes,
             or flat, as img2dataset writes), a .tar path, a list or glob of .tar paths, an image folder
             with metadata.jsonl/csv, a `save_to_disk` folder, a parquet/csv/json file, or a Hub name.
         split: which split; None takes the only one (or "train").
-        streaming: return an `IterableDataset` that reads lazily; same rows, same order.
         config_name: Hub dataset configuration.
         image_column, caption_column: for `datasets` sources; guessed when None (an `Image` column;
             caption/text/...). A caption column holding lists gives the first as caption, the rest
@@ -280,10 +258,10 @@ def load_image_text_dataset(
             their header before decoding (decompression bombs).
         num_proc: processes for the map-style cleaning pass.
         cache_dir: `datasets` cache folder for the cleaned map-style data.
-        report: a `SkipReport` to fill; map-style fills it now, streaming while it is read.
+        report: a `SkipReport` to fill.
 
     Returns:
-        a `Dataset` (or `IterableDataset`) with the columns of `OUTPUT_FEATURES` (with `answer_lists`, the wider
+        a `Dataset` with the columns of `OUTPUT_FEATURES` (with `answer_lists`, the wider
         question-answer pairs of `data.cleaning.cleaned_features`).
     """
     if long_caption_policy not in ("truncate", "skip"):
@@ -303,8 +281,7 @@ def load_image_text_dataset(
     if shard_paths is not None:
         options = options.with_text_fields(caption_column, negative_captions_column)
         dataset = _load_shards(
-            shard_paths, split=split or "train", streaming=streaming, options=options, num_proc=num_proc,
-            cache_dir=cache_dir,
+            shard_paths, split=split or "train", options=options, num_proc=num_proc, cache_dir=cache_dir,
         )
     else:
         columns = {
@@ -313,46 +290,20 @@ def load_image_text_dataset(
             "negative_captions": negative_captions_column,
         }
         dataset = _load_datasets_source(
-            name, split=split, streaming=streaming, config_name=config_name, columns=columns,
-            options=options, num_proc=num_proc,
+            name, split=split, config_name=config_name, columns=columns, options=options, num_proc=num_proc,
         )
     return _count_and_drop(dataset, report, name)
 
 
-def split_train_eval(
-    dataset: Dataset | IterableDataset,
-    *,
-    eval_fraction: float | None = None,
-    eval_size: int | None = None,
-    seed: int = 0,
-) -> DatasetDict | IterableDatasetDict:
+def split_train_eval(dataset: Dataset, *, eval_size: int, seed: int = 0) -> DatasetDict:
     """Split into {"train", "eval"} by `group_id`, so duplicates never straddle the two.
 
-    Each group gets a rank from a hash of (seed, group_id): the split depends only on the data
-    and the seed, not on row order. Map-style: groups are taken in rank order until `eval_size`
-    (or `eval_fraction` of the rows) is reached; the eval set can overshoot by less than one group.
-    Streaming (fraction only): a group is in eval when its rank falls in the lowest `eval_fraction`.
+    Each group gets a rank from a hash of (seed, group_id): the split depends only on the data and the seed, not on
+    row order. Groups are taken in rank order until `eval_size` rows are reached; the eval set can overshoot by less
+    than one group.
     """
-    if (eval_fraction is None) == (eval_size is None):
-        raise ValueError("pass exactly one of eval_fraction and eval_size")
-    if eval_fraction is not None and not 0 < eval_fraction < 1:
-        raise ValueError(f"eval_fraction must be between 0 and 1, got {eval_fraction}")
-    if isinstance(dataset, IterableDataset):
-        if eval_fraction is None:
-            raise ValueError("a streaming dataset has no length: pass eval_fraction instead of eval_size")
-        threshold = int(eval_fraction * 2**64)
-
-        def in_eval(group_id: str) -> bool:
-            return seeded_hash(group_id, seed) < threshold
-
-        return IterableDatasetDict(
-            {
-                "train": dataset.filter(lambda g: not in_eval(g), input_columns="group_id"),
-                "eval": dataset.filter(in_eval, input_columns="group_id"),
-            }
-        )
     groups = dataset["group_id"]
-    target = eval_size if eval_size is not None else max(1, round(eval_fraction * len(groups)))
+    target = eval_size
     sizes = Counter(groups)
     if not 0 < target < len(groups) or len(sizes) < 2:
         raise UserError(
