@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install lint test test-base demo app clean
+.PHONY: install lint test test-fast test-base demo app clean
 
 install: $(STAMP)
 
@@ -31,6 +31,11 @@ lint: install
 # base recipe at real sizes (GBs, minutes of CPU) has its own target.
 test: lint
 	$(PY) -m pytest -q -n 2 --dist loadfile -m "not base_size" tests
+
+# Before every commit: the units, without the tests marked slow (those that launch training scripts, torchrun, a fresh
+# Python, a browser or Java); `make test` runs everything CI runs.
+test-fast: lint
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow and not base_size" tests
 
 test-base: install
 	$(PY) -m pytest -q -m base_size tests

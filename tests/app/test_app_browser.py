@@ -39,9 +39,10 @@ from tests.training.launch import (
 )
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-pytestmark = pytest.mark.skipif(
+# Slow tier (`make test`, not `make test-fast`): drives a real browser.
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     not Path(CHROMIUM).exists(), reason=f"no {CHROMIUM}: install Debian's chromium and chromium-driver"
-)
+)]
 # What the closed network here needs besides headless mode: no sandbox (root), no calls home, no QUIC.
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",

@@ -6,10 +6,16 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.helpers import REPO
 
 THROUGHPUT_KEYS = {"case", "device", "batch", "pairs_per_s", "tokens_per_s", "flop_util", "peak_mem_gib",
                    "flops_per_step", "loss", "sizes"}
+
+
+# Slow tier (`make test`, not `make test-fast`): runs every benchmark script.
+pytestmark = pytest.mark.slow
 
 
 def run_json_lines(module: str, *args: str) -> list[dict]:

@@ -35,6 +35,10 @@ WORLD = ("shapes", "qformer", "vlm", "llama", "truncated", "no_weights", "foreig
          "captions", "run", "syntax.yaml", "types.yaml", "unknown.yaml", "cycle.yaml", "llava.json", "vqa.parquet")
 
 
+# Slow tier (`make test`, not `make test-fast`): runs each command in a child process.
+pytestmark = pytest.mark.slow
+
+
 def _world(root: Path) -> dict[str, str]:
     """Everything the cases point at: data, model folders good and broken, bad config files."""
     generate_dataset(root / "shapes", {"train": 16, "validation": 8}, seed=1, image_size=32, samples_per_shard=8,

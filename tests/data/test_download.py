@@ -20,6 +20,9 @@ from data.download import SUMMARY_RELATIVE_PATH, download_images, main, summariz
 
 from .conftest import EXPECTED_FAILURES, EXTRA_COLUMNS, read_tar
 
+# Slow tier (`make test`, not `make test-fast`): runs img2dataset.
+pytestmark = pytest.mark.slow
+
 
 def test_failure_counts_by_reason(img2dataset_run: dict) -> None:
     summary = img2dataset_run["summary"]

@@ -37,6 +37,10 @@ LOAD_MAP_STYLE = textwrap.dedent("""
 """)
 
 
+# Slow tier (`make test`, not `make test-fast`): streams 20,000 samples in a child process.
+pytestmark = pytest.mark.slow
+
+
 def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 

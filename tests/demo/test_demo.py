@@ -22,6 +22,10 @@ NOT_REACHED_IN_A_REDUCED_RUN = ("caption_scene_exact", "caption_object_f1", "cap
                                 "caption_object_recall_held_out")
 
 
+# Slow tier (`make test`, not `make test-fast`): runs the demo's pipeline.
+pytestmark = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def demo_out(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")

@@ -42,6 +42,10 @@ PREDICTIONS = [
 ]
 
 
+# Slow tier (`make test`, not `make test-fast`): runs pycocoevalcap's Java tools.
+pytestmark = pytest.mark.slow
+
+
 def _pycocoevalcap_direct(predictions: list[str], references: list[list[str]]) -> dict[str, float]:
     """The reference numbers: pycocoevalcap's scorers called as coco-caption's COCOEvalCap calls them."""
     gts = {i: refs for i, refs in enumerate(references)}

@@ -16,6 +16,9 @@ from eval.lmms_tasks.export import CAPTION_TASK, VQA_TASK, export_tasks
 from tests.conftest import tiny_vlm_and_processor
 from tests.helpers import REPO
 
+# Slow tier (`make test`, not `make test-fast`): runs the released lmms-eval.
+pytestmark = pytest.mark.slow
+
 
 def test_processor_ignores_empty_videos_and_audio_and_refuses_real_ones(tiny_vlm, shape_images):
     _, processor = tiny_vlm

@@ -2,6 +2,7 @@
 travels with a saved processor (so every harness that renders prompts with it, lmms-eval, the app and `python -m
 eval`, asks as training did), and that generation handles an image inside the prompt."""
 
+import pytest
 import torch
 from transformers import AutoProcessor
 
@@ -33,6 +34,7 @@ def test_the_image_goes_where_its_item_stands():
         "<|im_start|>assistant\nhi<|im_end|>\n"
 
 
+@pytest.mark.slow  # a fresh process: the slow tier
 def test_a_saved_processor_renders_as_the_training_one(tmp_path):
     model, processor = tiny_vlm_and_processor()
     model.save_pretrained(tmp_path / "vlm")

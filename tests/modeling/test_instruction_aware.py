@@ -143,6 +143,7 @@ def test_generation_batched_cached_and_through_the_pipeline(shape_images):
     assert out[0]["generated_text"] == processor.decode(batched[1], skip_special_tokens=True)
 
 
+@pytest.mark.slow  # a fresh process: the slow tier
 def test_saved_model_reads_instructions_in_a_fresh_process(shape_images, tmp_path):
     model, processor = instruction_vlm()
     model.save_pretrained(tmp_path / "vlm")

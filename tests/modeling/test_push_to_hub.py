@@ -1,12 +1,14 @@
 """push_to_hub runs its real code path; only the Hub's HTTP API is replaced by a local folder."""
 
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from tests.helpers import run_isolated
 
 
+@pytest.mark.slow  # a fresh process: the slow tier
 def test_pushed_files_are_exactly_what_a_fresh_process_needs(tiny_vlm, shape_images, folder_hub, tmp_path):
     model, processor = tiny_vlm
     repo = "someone/tiny-vlm"

@@ -1,5 +1,6 @@
 """Saved folders load with the Auto classes in a process that has never imported this project."""
 
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -14,6 +15,7 @@ def _vlm_inputs(processor, images):
     return processor(images=images, text=[prompt] * len(images), padding=True, return_tensors="pt")
 
 
+@pytest.mark.slow  # a fresh process: the slow tier
 def test_qformer_loads_in_fresh_process(tiny_qformer, shape_images, tmp_path):
     model, processor = tiny_qformer
     model.eval()
@@ -77,6 +79,7 @@ def _check_vlm_folder(model, processor, images, folder, tmp_path):
         torch.testing.assert_close(loaded[name], logits, atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow  # a fresh process: the slow tier
 def test_vlm_loads_in_fresh_process(tiny_vlm, shape_images, tmp_path):
     model, processor = tiny_vlm
     model.save_pretrained(tmp_path / "vlm")
@@ -84,6 +87,7 @@ def test_vlm_loads_in_fresh_process(tiny_vlm, shape_images, tmp_path):
     _check_vlm_folder(model, processor, shape_images[:2], "vlm", tmp_path)
 
 
+@pytest.mark.slow  # a fresh process: the slow tier
 def test_vlm_after_lora_merge_loads_in_fresh_process(tiny_vlm, shape_images, tmp_path):
     model, processor = tiny_vlm
     peft_model = add_lora(model, r=4, alpha=8, dropout=0.0)

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from data.shapes import TEMPLATES, caption_for, generate_scene, questions_for
 from modeling.tiny_tokenizers import train_chat_tokenizer, train_wordpiece_tokenizer
 
@@ -28,6 +30,7 @@ def shapes_texts(n_scenes: int = 1500) -> list[str]:
     return texts
 
 
+@pytest.mark.slow  # a fresh process: the slow tier
 def test_same_texts_same_vocabularies_in_this_and_another_process():
     texts = shapes_texts()
 

@@ -18,13 +18,6 @@ from tests.training.launch import (
 )
 
 
-def pytest_configure(config):
-    config.addinivalue_line(
-        "markers", "base_size: the base recipe at its real model sizes (test_base_size.py: GBs of memory, minutes "
-                   "on 2 cores); `-m \"not base_size\"` leaves it out"
-    )
-
-
 @pytest.fixture(scope="session")
 def shapes_data(tmp_path_factory) -> Path:
     """256 training and 64 validation samples of the synthetic shapes set, as webdataset shards."""

@@ -29,6 +29,10 @@ WORLD_SIZE, LOCAL_BATCH, HARD_NEGATIVES = 2, 4, 2
 TOLERANCE = 1e-5
 
 
+# Slow tier (`make test`, not `make test-fast`): trains with torchrun on two processes.
+pytestmark = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def model_level(shapes_data, tmp_path_factory):
     """Saves a tiny trainable-vision QFormerModel and one batch, runs the worker on two processes; returns

@@ -50,6 +50,10 @@ STAGE1 = {"qformer_config": {**SMALL_QFORMER, **LEARNABLE_QFORMER}, "itm_weight"
           "save_strategy": "steps", "save_steps": SAVE_EVERY}
 
 
+# Slow tier (`make test`, not `make test-fast`): trains with torchrun on two processes.
+pytestmark = pytest.mark.slow
+
+
 def cpu_config(name: str, folder: Path) -> Path:
     """configs/accelerate/<name>.yaml with what a 2-process CPU run changes, written into `folder`."""
     config = yaml.safe_load((ACCELERATE_CONFIGS / f"{name}.yaml").read_text())

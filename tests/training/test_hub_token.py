@@ -10,6 +10,10 @@ from training import train_qformer
 CANARY = "hf_canaryTOKEN0123456789"
 
 
+# Slow tier (`make test`, not `make test-fast`): trains through the real script.
+pytestmark = pytest.mark.slow
+
+
 @pytest.mark.parametrize("given_in", ["flag", "yaml"])
 def test_the_token_reaches_no_file_and_no_upload(given_in, shapes_data, folder_hub, tmp_path, monkeypatch):
     monkeypatch.delenv("HF_TOKEN", raising=False)  # restored after the test: the script sets it

@@ -17,6 +17,10 @@ WORLD_SIZE = 2
 TIMEOUT_S = 180
 
 
+# Slow tier (`make test`, not `make test-fast`): runs torchrun on two processes.
+pytestmark = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory) -> list[dict[str, torch.Tensor]]:
     """Run the worker once on two processes; what each rank saved."""

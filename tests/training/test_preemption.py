@@ -9,6 +9,8 @@ import textwrap
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.training.launch import (
     REPO,
     TIMEOUT_S,
@@ -27,6 +29,10 @@ from training.preemption import REPEAT_WINDOW_S
 # Long enough that a run signalled after its third logged step is still training (a step takes ~30 ms here).
 STEPS = 40
 WEIGHT_TOLERANCE = 1e-6
+
+
+# Slow tier (`make test`, not `make test-fast`): trains through the real scripts and signals them.
+pytestmark = pytest.mark.slow
 
 
 def signal_after_step_3(process: subprocess.Popen, log: Path, send) -> None:

@@ -34,6 +34,10 @@ STEPS, SAVE_EVERY = 40, 2
 WEIGHT_TOLERANCE = 1e-6
 
 
+# Slow tier (`make test`, not `make test-fast`): trains, kills and resumes through the real scripts.
+pytestmark = pytest.mark.slow
+
+
 def run_killed_after_checkpoint_4(module: str, args: list[str], out: Path, log: Path) -> None:
     """Starts a run and kills it with SIGKILL as soon as `out/checkpoint-4` is complete."""
     process = start(module, args, log)

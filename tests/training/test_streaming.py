@@ -34,6 +34,10 @@ from training.conversation_collator import CaptionQAConversations
 BATCH = 4  # stream_keys_worker's per-device batch
 
 
+# Slow tier (`make test`, not `make test-fast`): trains through the real scripts, on two processes too.
+pytestmark = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def uneven_shards(tmp_path_factory) -> Path:
     """90 training samples in 5 shards (20, 20, 20, 20, 10): 2 processes x 2 workers = 4 readers, so one reader

@@ -167,6 +167,7 @@ def test_frozen_weights_in_bf16_within_bf16_tolerance():
     torch.testing.assert_close(losses[1], losses[0], **BF16)
 
 
+@pytest.mark.slow  # torch.compile: the slow tier
 def test_compiled_layers_keep_loss_and_gradients(rows):
     """The benchmark's `--compile` (in place, per layer) on a LoRA model whose Q-Former and adapter train fully. The
     aot_eager backend traces forward and backward as inductor would, without its C++ build, which a CPU test cannot

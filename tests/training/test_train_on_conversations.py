@@ -19,6 +19,10 @@ NUM_CONVERSATIONS = 24
 STEPS = 3
 
 
+# Slow tier (`make test`, not `make test-fast`): trains through the real script.
+pytestmark = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def sources(shapes_data, tmp_path_factory):
     """{format: (data path, extra flags)} holding the same conversations (those the collator draws from the first

@@ -109,6 +109,7 @@ def sft_config(tmp_path, **kwargs) -> SFTConfig:
     return SFTConfig(**{**defaults, **kwargs})
 
 
+@pytest.mark.slow  # trains through TRL's SFTTrainer: the slow tier
 def test_sft_trainer_trains_the_vlm(tiny, dataset, tmp_path):
     model, processor = copy.deepcopy(tiny[0]), tiny[1]
     trainer = SFTTrainer(model, args=sft_config(tmp_path, max_steps=20, learning_rate=3e-3, warmup_steps=0),

@@ -21,6 +21,10 @@ STAGE2_STEPS = 40
 RETRIEVAL_KEYS = [f"eval_{way}_r{k}" for way in ("i2t", "t2i") for k in (1, 5, 10)]
 
 
+# Slow tier (`make test`, not `make test-fast`): trains both stages through the real scripts.
+pytestmark = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def trained_stage2(shapes_data, trained_stage1, tmp_path_factory):
     """The tiny preset's stage 2 (full fine-tuning) on the stage-1 output, evaluating every 20 steps."""

@@ -28,6 +28,10 @@ LM = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_a
       "num_key_value_heads": 2}
 
 
+# Slow tier (`make test`, not `make test-fast`): trains through the real scripts.
+pytestmark = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     out = tmp_path_factory.mktemp("shards")
