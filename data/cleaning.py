@@ -72,17 +72,21 @@ class CleaningOptions:
     min_image_side: int = 8
     max_image_pixels: int = 64_000_000
     require_caption: bool = True
-    # Shards: the fields of a sample's .json that hold its caption (None: the .txt member) and its hard negatives.
+    # Shards: the fields of a sample's .json that hold its caption (None: the .txt member), its hard negatives and its
+    # duplicate group (samples with equal values are true duplicates; without one, the normalised caption).
     caption_field: str | None = None
     negatives_field: str = "negative_captions"
+    group_field: str = "group_id"
     # Keep every human answer of a question, and its VQAv2 types (`cleaned_features(True)`); off, the pairs have
     # the four standard fields.
     answer_lists: bool = False
 
-    def with_text_fields(self, caption: str | None, negative_captions: str | None) -> CleaningOptions:
-        """These options reading a shard's caption and hard negatives from the named .json fields (None: the
-        defaults)."""
-        return replace(self, caption_field=caption, negatives_field=negative_captions or type(self).negatives_field)
+    def with_text_fields(self, caption: str | None, negative_captions: str | None,
+                         group: str | None = None) -> CleaningOptions:
+        """These options reading a shard's caption, hard negatives and duplicate group from the named .json fields
+        (None: the defaults)."""
+        return replace(self, caption_field=caption, negatives_field=negative_captions or type(self).negatives_field,
+                       group_field=group or type(self).group_field)
 
 
 def verdict_row(key: str, *, skip: str | None = None, shard_problem: str | None = None) -> dict[str, Any]:
@@ -209,10 +213,10 @@ def clean_sample(
 def sample_from_files(key: str, files: dict[str, bytes], options: CleaningOptions) -> dict[str, Any]:
     """Clean one webdataset sample, {extension: bytes}: image, .txt caption, .json metadata.
 
-    The JSON may carry the shapes generator's references, qa, negative_captions and scene_id; from
-    img2dataset they arrive the same way when passed through its save_additional_columns. The caption is
-    the .txt member, or the JSON field `options.caption_field` when set; the hard negatives are the JSON
-    field `options.negatives_field`.
+    The JSON may carry references, qa, negative_captions and a duplicate group (the shapes generator writes
+    them; from img2dataset they arrive the same way when passed through its save_additional_columns). The
+    caption is the .txt member, or the JSON field `options.caption_field` when set; the hard negatives and
+    the group are the JSON fields `options.negatives_field` and `options.group_field`.
     """
     meta: Any = {}
     if "json" in files:
@@ -230,7 +234,7 @@ def sample_from_files(key: str, files: dict[str, bytes], options: CleaningOption
     return clean_sample(
         key, image, caption, options,
         references=meta.get("references"), qa=meta.get("qa"), negative_captions=meta.get(options.negatives_field),
-        group_id=meta.get("scene_id"),
+        group_id=meta.get(options.group_field),
     )
 
 
@@ -240,6 +244,8 @@ def check_text_fields(shards: Sequence[ShardRef], options: CleaningOptions) -> N
     wanted = {"caption": options.caption_field}
     if options.negatives_field != CleaningOptions.negatives_field:
         wanted["negative captions"] = options.negatives_field
+    if options.group_field != CleaningOptions.group_field:
+        wanted["group"] = options.group_field
     wanted = {role: name for role, name in wanted.items() if name is not None}
     if not wanted:
         return

@@ -244,7 +244,8 @@ def load_image_text_dataset(
         question_column, answer_column: add one question-answer pair per row (type "open"). An answer column
             holding several human answers (strings, or VQAv2's dicts with "answer") gives the most frequent one as
             the answer (among equals, the first to occur).
-        group_column: column whose value marks true duplicates (default: the normalised caption).
+        group_column: column whose value marks true duplicates (default: the normalised caption); for shards, the
+            .json field (default "group_id", which the shapes generator writes).
         key_column: column with a unique sample id (default: the row index).
         negative_captions_column: column (shards: .json field; default "negative_captions") holding a
             list of counterfactual captions per image, stage 1's hard negatives.
@@ -279,7 +280,7 @@ def load_image_text_dataset(
         shard_paths = [os.fspath(path) for path in source]
         name = f"{len(shard_paths)} shard paths"
     if shard_paths is not None:
-        options = options.with_text_fields(caption_column, negative_captions_column)
+        options = options.with_text_fields(caption_column, negative_captions_column, group_column)
         dataset = _load_shards(
             shard_paths, split=split or "train", options=options, num_proc=num_proc, cache_dir=cache_dir,
         )

@@ -4,7 +4,8 @@ Each sample is a JPEG of a scene from `data.shapes`, a caption (one of several p
 and a JSON record with everything evaluation and training need beyond img2dataset's own fields:
 
     scene             [{"shape", "color", "size", "row", "col"}, ...] in reading order of the cells
-    scene_id          canonical text of the scene: equal ids <=> equal scenes (true duplicates)
+    group_id          canonical text of the scene: equal ids <=> equal scenes (true duplicates; the loader's
+                      generic duplicate-group field, so a split never puts one scene on both sides)
     template          which template wrote `caption`
     references        the same scene in every other template (extra references for CIDEr)
     negative_captions the caption's template applied to the scene with exactly one attribute of one
@@ -94,7 +95,7 @@ PARQUET_SCHEMA = pa.schema(
         ("original_height", pa.int32()),
         ("exif", pa.string()),
         ("sha256", pa.string()),
-        ("scene_id", pa.string()),
+        ("group_id", pa.string()),
         ("template", pa.int32()),
     ]
 )
@@ -128,7 +129,7 @@ def make_sample(
         "original_height": image_size,
         "exif": None,
         "sha256": hashlib.sha256(jpg).hexdigest(),
-        "scene_id": scene_id(scene),
+        "group_id": scene_id(scene),
         "template": template,
         "scene": scene_to_json(scene),
         "references": [caption_for(scene, t) for t in range(len(TEMPLATES)) if t != template],

@@ -85,7 +85,7 @@ EXPECTED_FAILURES = {
     "image area too large": 1,
     "Use of image disallowed by X-Robots-Tag directive": 1,
 }
-EXTRA_COLUMNS = ["scene_id", "references", "qa", "negative_captions"]
+EXTRA_COLUMNS = ["group_id", "references", "qa", "negative_captions"]
 
 
 @pytest.fixture(scope="session")

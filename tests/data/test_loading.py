@@ -18,7 +18,7 @@ from PIL import Image
 
 from cli import UserError
 from data import sanitize
-from data.cleaning import QA_DROPPED, CleaningOptions
+from data.cleaning import QA_DROPPED, CleaningOptions, normalize_caption
 from data.loading import OUTPUT_FEATURES, load_image_text_dataset, split_train_eval
 from data.shard_writer import ShardWriter
 from data.skip_report import SkipReport
@@ -97,6 +97,21 @@ def test_shard_caption_and_negatives_from_named_json_fields(shapes_dir: Path, tm
     with pytest.raises(UserError, match=r"negative captions field 'negatives' not found"):
         ShardStream.from_source(str(shapes_dir), seed=0, buffer_size=1,
                                 options=CleaningOptions().with_text_fields(None, "negatives"))
+
+
+def test_shard_duplicate_groups_come_from_a_named_json_field(shapes_dir: Path, tmp_path: Path) -> None:
+    """The generic loader reads a shard's duplicate group from the .json field `group_column` names ("group_id", which
+    the shapes generator writes, by default); samples without one are grouped by their normalised caption."""
+    default = load_image_text_dataset(shapes_dir, split="train", cache_dir=str(tmp_path))
+    records = {}
+    for tar in sorted((shapes_dir / "train").glob("*.tar")):
+        records |= {key: json.loads(files["json"]) for key, files in read_tar(tar).items()}
+    assert [row["group_id"] for row in default] == [records[row["key"]]["group_id"] for row in default]
+    named = load_image_text_dataset(shapes_dir, split="train", cache_dir=str(tmp_path), group_column="url")
+    # url is null in every record: each sample falls back to its normalised caption.
+    assert [row["group_id"] for row in named] == [normalize_caption(row["caption"]) for row in named]
+    with pytest.raises(UserError, match=r"group field 'scene_idd' not found"):
+        load_image_text_dataset(shapes_dir, split="train", group_column="scene_idd")
 
 
 def test_generator_and_img2dataset_shards_give_the_same_samples(

@@ -83,7 +83,7 @@ def test_layout_matches_img2dataset(shapes_dir) -> None:
         assert meta["key"] == key and meta["caption"] == files["txt"].decode()
         assert Image.open(io.BytesIO(files["jpg"])).size == (64, 64)
         scene = scene_from_json(meta["scene"])
-        assert scene_id(scene) == meta["scene_id"]
+        assert scene_id(scene) == meta["group_id"]
         assert parse_caption(meta["caption"]) == scene
         assert all(parse_caption(reference) == scene for reference in meta["references"])
         assert len(meta["references"]) == len(TEMPLATES) - 1

@@ -28,7 +28,7 @@ def shapes_rows(n: int, seed: int = 0) -> list[dict]:
             "caption": record["caption"],
             "references": [record["caption"], *record["references"]],
             "key": record["key"],
-            "group_id": record["scene_id"],
+            "group_id": record["group_id"],
             "qa": record["qa"][:2],
             "scene": record["scene"],
         })
