@@ -108,6 +108,34 @@ def _validate_config(model_args, preset: dict | None = None) -> None:
         raise UserError(str(err)) from None
 
 
+def preset_field(stage: str):
+    """The `preset` option of both stages: the tiny models are asked for by name, never chosen by leaving things out
+    (a stage-2 file that forgets its language model would otherwise train a random 2-layer one)."""
+    return field(
+        default=None,
+        metadata={"help": f"'tiny': the offline tiny preset (random {stage} trained from scratch, tokenizers trained "
+                          "on the data; configs/tiny). Unset: the named checkpoints give the model."},
+    )
+
+
+def check_preset(model_args, pretrained: dict[str, str | None], tiny_only: dict[str, object], saved: str | None,
+                 example: str) -> None:
+    """`UserError` when the preset and the named models disagree: tiny beside a pretrained checkpoint, neither of
+    them, or a tiny-only setting beside a pretrained checkpoint (it would be ignored). A saved model to continue
+    (`model_name_or_path`) fixes its own sizes, so the tiny-only settings are not read then."""
+    named = [name for name, value in pretrained.items() if value]
+    if model_args.preset == "tiny" and named:
+        raise UserError(f"preset: tiny builds random models, but {named[0]} names a pretrained one; leave out one of "
+                        "the two")
+    if model_args.preset is None and not named and not saved:
+        raise UserError(f"no model named: set {example}, model_name_or_path (a saved model to continue), or "
+                        "preset: tiny for the tiny random models (configs/tiny)")
+    ignored = [name for name, value in tiny_only.items() if value not in (None, {})]
+    if named and ignored:
+        raise UserError(f"{ignored[0]} is a setting of the tiny preset; it is not read beside {named[0]}: leave it "
+                        "out")
+
+
 def attn_implementation_field():
     """The `--attn_implementation` option of both stages (one definition for both argument classes)."""
     return field(
@@ -128,12 +156,13 @@ def attn_implementation_field():
 class QFormerModelArguments:
     """Which stage-1 model to train: a saved one, one on pretrained checkpoints, or the tiny random preset."""
 
+    preset: Literal["tiny"] | None = preset_field("vision encoder and Q-Former")
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "A saved Q-Former (stage-1 output folder or Hub id) to continue training."}
     )
     vision_model_name_or_path: str | None = field(
         default=None,
-        metadata={"help": "Pretrained vision encoder, e.g. google/vit-base-patch16-224. Unset: the tiny preset."},
+        metadata={"help": "Pretrained vision encoder, e.g. google/vit-base-patch16-224 (and text_model_name_or_path)"},
     )
     text_model_name_or_path: str | None = field(
         default=None,
@@ -147,7 +176,9 @@ class QFormerModelArguments:
     qformer_config: dict | str | None = field(
         default=None, metadata={"help": "Changes to the Q-Former layers' config (Blip2QFormerConfig fields)."}
     )
-    text_vocab_size: int = field(default=1000, metadata={"help": "Tiny preset: vocabulary of the trained tokenizer."})
+    text_vocab_size: int | None = field(
+        default=None, metadata={"help": "Tiny preset: vocabulary of the trained tokenizer (unset: the preset's)."}
+    )
     pretrained_lr_ratio: float = field(
         default=0.1,
         metadata={"help": "Learning-rate multiplier of weights initialised from pretrained checkpoints (text layers)."},
@@ -157,10 +188,15 @@ class QFormerModelArguments:
     def __post_init__(self):
         self.vision_config = _as_dict("vision_config", self.vision_config)
         self.qformer_config = _as_dict("qformer_config", self.qformer_config)
-        check_at_least({"text_vocab_size": self.text_vocab_size}, 50)
+        if self.text_vocab_size is not None:
+            check_at_least({"text_vocab_size": self.text_vocab_size}, 50)
         check_at_least({"pretrained_lr_ratio": self.pretrained_lr_ratio}, 0)
-        tiny = not (self.model_name_or_path or self.vision_model_name_or_path or self.text_model_name_or_path)
-        _validate_config(self, TINY_SETTINGS if tiny else None)
+        check_preset(
+            self, {"vision_model_name_or_path": self.vision_model_name_or_path,
+                   "text_model_name_or_path": self.text_model_name_or_path},
+            {"vision_config": self.vision_config, "text_vocab_size": self.text_vocab_size}, self.model_name_or_path,
+            "vision_model_name_or_path and text_model_name_or_path (configs/base/stage1.yaml)")
+        _validate_config(self, TINY_SETTINGS if self.preset == "tiny" and not self.model_name_or_path else None)
 
 
 @with_config_fields(VLMConfig, exclude=("qformer_config", "text_config", "image_token_id"))
@@ -168,6 +204,7 @@ class QFormerModelArguments:
 class VLMModelArguments:
     """How to assemble the stage-2 model: a stage-1 Q-Former, an adapter and a language model (with LoRA)."""
 
+    preset: Literal["tiny"] | None = preset_field("language model")
     qformer_name_or_path: str | None = field(
         default=None, metadata={"help": "The stage-1 output folder (or Hub id). Required unless model_name_or_path."}
     )
@@ -176,12 +213,14 @@ class VLMModelArguments:
     )
     language_model_name_or_path: str | None = field(
         default=None,
-        metadata={"help": "Causal LM, e.g. HuggingFaceTB/SmolLM-135M-Instruct. Unset: the tiny preset's LM."},
+        metadata={"help": "Pretrained causal LM, e.g. HuggingFaceTB/SmolLM-135M-Instruct (or preset: tiny)."},
     )
     lm_config: dict | str | None = field(
         default=None, metadata={"help": "Tiny preset: changes to its LlamaConfig, e.g. {\"num_hidden_layers\": 4}."}
     )
-    lm_vocab_size: int = field(default=800, metadata={"help": "Tiny preset: vocabulary of the trained LM tokenizer."})
+    lm_vocab_size: int | None = field(
+        default=None, metadata={"help": "Tiny preset: vocabulary of the trained LM tokenizer (unset: the preset's)."}
+    )
     use_lora: bool = field(
         default=True, metadata={"help": "Train the language model through LoRA (false: train all its weights)."}
     )
@@ -206,7 +245,11 @@ class VLMModelArguments:
             raise UserError(
                 "stage 2 needs --qformer_name_or_path (the stage-1 output folder) or --model_name_or_path (a saved VLM)"
             )
-        check_at_least({"lm_vocab_size": self.lm_vocab_size}, 50)
+        if self.lm_vocab_size is not None:
+            check_at_least({"lm_vocab_size": self.lm_vocab_size}, 50)
+        check_preset(self, {"language_model_name_or_path": self.language_model_name_or_path},
+                     {"lm_config": self.lm_config, "lm_vocab_size": self.lm_vocab_size}, self.model_name_or_path,
+                     "language_model_name_or_path (e.g. HuggingFaceTB/SmolLM-135M-Instruct; configs/base/stage2.yaml)")
         check_at_least({"lora_r": self.lora_r, "lora_alpha": self.lora_alpha}, 1)
         check_at_least({"qformer_learning_rate": self.qformer_learning_rate, "lora_dropout": self.lora_dropout}, 0)
         if not self.lora_target_modules.strip(","):

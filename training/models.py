@@ -54,15 +54,15 @@ def _stage1_model(model_args: QFormerModelArguments, corpus: Callable[[], list[s
         if not (vision and text):
             raise UserError(
                 "a pretrained stage 1 needs both --vision_model_name_or_path and --text_model_name_or_path "
-                "(leave both unset for the tiny preset)"
+                "(or neither, with preset: tiny)"
             )
         vision = check_model_source(vision, "--vision_model_name_or_path", VISION_ENCODER)
         text = check_model_source(text, "--text_model_name_or_path", BERT_TEXT_ENCODER)
         with hub_errors("--vision_model_name_or_path/--text_model_name_or_path", f"{vision}, {text}"):
             return build_pretrained_qformer(vision, text, qformer_config=model_args.qformer_config, **settings)
+    sizes = {} if model_args.text_vocab_size is None else {"text_vocab_size": model_args.text_vocab_size}
     model, processor = build_tiny_qformer(
-        corpus(), vision=model_args.vision_config, qformer=model_args.qformer_config,
-        text_vocab_size=model_args.text_vocab_size, **settings,
+        corpus(), vision=model_args.vision_config, qformer=model_args.qformer_config, **sizes, **settings,
     )
     if resume_from is not None:
         processor = AutoProcessor.from_pretrained(resume_from)
@@ -94,7 +94,7 @@ def build_stage2_model(
             model, processor = build_vlm(
                 qformer, qformer_processor, language_model=language_model,
                 corpus=None if language_model else corpus(), lm=model_args.lm_config,
-                lm_vocab_size=model_args.lm_vocab_size,
+                **({} if model_args.lm_vocab_size is None else {"lm_vocab_size": model_args.lm_vocab_size}),
                 **settings,
             )
         if resume_from is not None and language_model is None:

@@ -32,7 +32,8 @@ STAGE1, STAGE2 = "configs/tiny/stage1.yaml", "configs/tiny/stage2.yaml"
 PROGRESS_BAR = re.compile(r"\d+%\|.*\| \d+/\d+ ")
 # What `_world` makes, by name.
 WORLD = ("shapes", "qformer", "vlm", "llama", "truncated", "no_weights", "foreign", "empty", "garbage.parquet",
-         "captions", "run", "syntax.yaml", "types.yaml", "unknown.yaml", "cycle.yaml", "llava.json", "vqa.parquet")
+         "captions", "run", "syntax.yaml", "types.yaml", "unknown.yaml", "cycle.yaml", "llava.json", "vqa.parquet",
+         "no_model.yaml", "vision_only.yaml", "pretrained_lm.yaml")
 
 
 # Slow tier (`make test`, not `make test-fast`): runs each command in a child process.
@@ -81,6 +82,9 @@ def _world(root: Path) -> dict[str, str]:
     (root / "types.yaml").write_text("train_data: x\nnum_query_tokens: many\n")
     (root / "cycle.yaml").write_text("max_steps: 5\nextends: cycle.yaml\n")
     (root / "unknown.yaml").write_text("train_data: x\nnum_querys: 4\n")
+    (root / "no_model.yaml").write_text("max_steps: 5\n")  # neither preset: tiny nor a checkpoint
+    (root / "vision_only.yaml").write_text(f"vision_model_name_or_path: {root / 'qformer'}\n")
+    (root / "pretrained_lm.yaml").write_text(f"language_model_name_or_path: {root / 'llama'}\n")
     return {name: str(root / name) for name in WORLD}
 
 
@@ -108,8 +112,13 @@ def _cases(w: dict[str, str], out: str) -> dict[str, tuple[list[str], list[str]]
         "isolated regional queries turned off": ([*q, STAGE1, *data, "--regional_queries", "0"],
                                                  ["isolate_regional_queries needs regional_queries",
                                                   "set isolate_regional_queries false"]),
-        "one pretrained encoder": ([*q, STAGE1, *data, "--vision_model_name_or_path", w["qformer"]],
-                                   ["--text_model_name_or_path"]),
+        "one pretrained encoder": ([*q, w["vision_only.yaml"], *data], ["--text_model_name_or_path"]),
+        "no model named": ([*q, w["no_model.yaml"], *data], ["no model named", "preset: tiny", "model_name_or_path"]),
+        "the tiny preset beside a pretrained LM": ([*v, *v_args, "--language_model_name_or_path", w["llama"]],
+                                                   ["preset: tiny", "language_model_name_or_path", "leave out one"]),
+        "a tiny setting beside a pretrained LM": (
+            [*v, w["pretrained_lm.yaml"], *data, "--qformer_name_or_path", w["qformer"], "--lm_vocab_size", "500"],
+            ["lm_vocab_size", "tiny preset", "not read beside language_model_name_or_path"]),
         "data path typo": ([*q, STAGE1, *data, "--train_data", w["shapes"] + "x"],
                            [w["shapes"] + "x", "no such file or folder", f"did you mean {w['shapes']}"]),
         "empty data folder": ([*q, STAGE1, *data, "--train_data", w["empty"]], [w["empty"], "is empty"]),
@@ -119,7 +128,8 @@ def _cases(w: dict[str, str], out: str) -> dict[str, tuple[list[str], list[str]]
         "the tiny stage 1 on data without its caption column": (
             [*q, STAGE1, *data, "--train_data", w["captions"]],
             ["caption column 'caption_color_first' not found", "columns are: image, text"]),
-        "hard negatives without negatives": ([*q, *data, "--train_data", w["captions"], "--hard_negatives", "2"],
+        "hard negatives without negatives": ([*q, *data, "--preset", "tiny", "--train_data", w["captions"],
+                                              "--hard_negatives", "2"],
                                              ["hard_negatives: 2", "negative_captions", "hard_negatives: 0"]),
         "no checkpoint to resume": ([*q, STAGE1, *data, "--resume_from_checkpoint", "true", "--output_dir",
                                      w["empty"]], ["--resume_from_checkpoint", "no complete checkpoint", w["empty"]]),
