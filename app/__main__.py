@@ -2,6 +2,7 @@
 images, chat about them and rank captions."""
 
 import argparse
+import importlib.util
 import socket
 from collections.abc import Sequence
 
@@ -9,7 +10,6 @@ from cli import ArgumentParser, UserError, count, positive_int, run_command
 from eval.run import load_rows
 
 from .chat import load_models
-from .ui import PAGE_CSS, build_app
 
 
 def _port(text: str) -> int:
@@ -55,6 +55,12 @@ def _check_can_serve(host: str, port: int) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parse_args(argv)
+    # Gradio is the `app` extra: an environment installed without it gets one line, not an import traceback.
+    if importlib.util.find_spec("gradio") is None:
+        raise UserError("the web app needs Gradio, which this environment does not have: `make app` installs it, "
+                        "or pip install -e '.[app]'")
+    from .ui import PAGE_CSS, build_app
+
     _check_can_serve(args.host, args.port)
     models = load_models(args.model, args.qformer)
     examples = []

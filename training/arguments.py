@@ -539,6 +539,10 @@ def parse_args(dataclass_types: tuple, argv: list[str] | None = None) -> tuple:
     for arguments in parsed:
         if isinstance(arguments, TrainingArguments):
             check_training_arguments(arguments)
+            # A stream has no length, so the Trainer cannot count epochs; it would stop at its set-up with a traceback.
+            if any(getattr(other, "streaming", False) for other in parsed) and arguments.max_steps <= 0:
+                raise UserError("streaming: true needs max_steps (a stream has no length to count epochs in); set "
+                                "max_steps, e.g. --max_steps 10000")
     return tuple(parsed)
 
 

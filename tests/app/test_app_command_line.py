@@ -2,6 +2,7 @@
 anything is served; the model options go through the checks every command shares (tests/cli)."""
 
 import socket
+import sys
 
 import pytest
 
@@ -37,3 +38,11 @@ def test_a_port_out_of_range_names_the_option(port):
 def test_missing_examples_name_the_option(vlm_folder, tmp_path, free_port):
     with pytest.raises(UserError, match=rf"^--examples: .*{tmp_path / 'shapes'}: no such file or folder"):
         main(["--model", vlm_folder, "--examples", str(tmp_path / "shapes"), "--port", str(free_port)])
+
+
+def test_an_environment_without_gradio_gets_one_line(monkeypatch):
+    """Installed without the `app` extra: Python's own marker of a module that cannot be imported (None in
+    sys.modules) stands for the missing package."""
+    monkeypatch.setitem(sys.modules, "gradio", None)
+    with pytest.raises(UserError, match=r"needs Gradio.*make app.*pip install -e '\.\[app\]'"):
+        main(["--model", "unused"])

@@ -113,6 +113,8 @@ def _cases(w: dict[str, str], out: str) -> dict[str, tuple[list[str], list[str]]
                                                  ["isolate_regional_queries needs regional_queries",
                                                   "set isolate_regional_queries false"]),
         "one pretrained encoder": ([*q, w["vision_only.yaml"], *data], ["--text_model_name_or_path"]),
+        "streaming without max_steps": ([*q, STAGE1, *data, "--streaming", "true", "--max_steps", "-1"],
+                                        ["streaming: true needs max_steps", "--max_steps"]),
         "no model named": ([*q, w["no_model.yaml"], *data], ["no model named", "preset: tiny", "model_name_or_path"]),
         "the tiny preset beside a pretrained LM": ([*v, *v_args, "--language_model_name_or_path", w["llama"]],
                                                    ["preset: tiny", "language_model_name_or_path", "leave out one"]),
