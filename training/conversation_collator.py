@@ -263,8 +263,6 @@ class ConversationCollator:
                 batch["image_index"] = torch.tensor(image_index)
             if self.instruction_aware:
                 batch.update(self.processor.qformer_inputs([text for own in instructions for text in own]))
-        elif self.pixel_format == "none":
-            batch["image_rows"] = torch.zeros(0, dtype=torch.long)
         return batch
 
     def _padded(self, encoded: list[tuple[list[int], list[bool]]]) -> dict[str, torch.Tensor]:
