@@ -414,8 +414,39 @@ def check_training_arguments(args: TrainingArguments) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
+# On the command line, these words unset a field of ours that may be unset, e.g. a column a preset's YAML names
+# (`--caption_column none`: the caption of shards is then their .txt member). TrainingArguments keeps transformers'
+# own reading, where `--report_to none` is a value.
+UNSET_WORDS = ("none", "null")
+
+
+def _or_unset(convert):
+    """An argparse `type` that reads `UNSET_WORDS` as None and anything else through `convert`."""
+
+    def parse(text: str):
+        return None if text.lower() in UNSET_WORDS else convert(text)
+
+    parse.__name__ = getattr(convert, "__name__", "value")  # argparse names the type in its errors
+    return parse
+
+
 class _Parser(OneLineErrors, HfArgumentParser):
-    """HfArgumentParser whose mistakes are one-line `UserError`s."""
+    """HfArgumentParser whose mistakes are one-line `UserError`s, and where `none`/`null` unset our optional
+    fields."""
+
+    def __init__(self, dataclass_types, **kwargs):
+        super().__init__(dataclass_types, **kwargs)
+        for dataclass_type in dataclass_types:
+            if issubclass(dataclass_type, TrainingArguments):
+                continue
+            hints = typing.get_type_hints(dataclass_type)
+            for item in dataclasses.fields(dataclass_type):
+                action = self._option_string_actions.get(f"--{item.name}")
+                if action is None or action.type is None or type(None) not in typing.get_args(hints[item.name]):
+                    continue
+                action.type = _or_unset(action.type)
+                if action.choices is not None:
+                    action.choices = [*action.choices, None]
 
 
 def _type_problem(value, annotation) -> str | None:
