@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 from transformers import BlipProcessor
 from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
 
-from benchmarks.stdout import stdout_to_stderr
+from cli.streams import stdout_to_stderr
 from data.loading import load_image_text_dataset
 from data.streaming import ShardStream
 from data.synthetic import generate_dataset

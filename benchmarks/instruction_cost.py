@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from benchmarks.stdout import stdout_to_stderr
+from cli.streams import stdout_to_stderr
 from data.loading import load_image_text_dataset
 from data.synthetic import write_split
 from modeling.presets import build_tiny_qformer, build_vlm

@@ -27,7 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import LlamaConfig, PrinterCallback, TrainerCallback, TrainingArguments, ViTConfig
 from transformers.utils import logging as hf_logging
 
-from benchmarks.stdout import stdout_to_stderr
+from cli.streams import stdout_to_stderr
 from modeling.configuration_qformer import QFormerConfig
 from modeling.configuration_vlm import VLMConfig
 from modeling.lora import add_lora

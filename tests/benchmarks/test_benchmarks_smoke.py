@@ -98,3 +98,14 @@ def test_padding_smoke():
     from benchmarks.padding import main
 
     assert main(list(args)) == [summary, *rows]
+
+
+@pytest.mark.parametrize("script", ["throughput", "dataloading", "padding", "instruction_cost"])
+def test_a_benchmark_runs_as_a_file_too(script):
+    # `python benchmarks/x.py` puts benchmarks/ first on the path, not the repository: what a benchmark imports
+    # must come from the installed project.
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, f"benchmarks/{script}.py", "--help"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("usage:")

@@ -1,4 +1,4 @@
-"""Keeping a benchmark's stdout for its JSON lines only."""
+"""Keeping a command's stdout for its results only (the benchmarks print JSON lines there)."""
 
 import contextlib
 import os
