@@ -1,15 +1,15 @@
 """Preemption: a signal makes the run save a complete checkpoint at the next step boundary and stop cleanly.
 
 SIGTERM is what a spot instance, Kubernetes or SLURM sends before killing a job, SIGUSR1 what SLURM sends ahead of
-the end of a job's time with `--signal=USR1@<seconds>`. Without this, a preempted run loses everything since its
-last periodic checkpoint. The handler only notes the signal; the decision is taken after the optimizer step, on
-every process together (accelerate's trigger, one all-reduce per step), so that N processes stop at the same step
-and none waits in a collective for a peer that has stopped.
+the end of a job's time with `--signal=USR1@<seconds>`, SIGINT what Ctrl-C sends. Without this, a preempted or
+interrupted run loses everything since its last periodic checkpoint. The handler only notes the signal; the
+decision is taken after the optimizer step, on every process together (accelerate's trigger, one all-reduce per
+step), so that N processes stop at the same step and none waits in a collective for a peer that has stopped.
 
 A second signal ends the process at once, without a checkpoint, unless it comes within `REPEAT_WINDOW_S` of the
 first: then it is the same notice delivered twice. That happens when every process is signalled (a machine
-shutting down): each worker gets the signal itself and again from torchrun, which forwards what it receives to
-its workers.
+shutting down, or Ctrl-C in the terminal of a `torchrun`/`accelerate launch`): each worker gets the signal itself
+and again from torchrun, which forwards what it receives to its workers.
 """
 
 import logging
@@ -21,16 +21,17 @@ from transformers import TrainerCallback
 
 logger = logging.getLogger(__name__)
 
-PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 REPEAT_WINDOW_S = 2.0
 
 
 class TrainingPreempted(SystemExit):
     """Raised once the preemption checkpoint is written: nothing after training runs (no evaluation, no final save,
-    no next stage of the demo), and the process exits with status 0, as a scheduler expects of a clean stop."""
+    no next stage of the demo). The process exits with status 0, as a scheduler expects of a clean stop, or after
+    Ctrl-C with 130, as a shell expects of an interrupted command."""
 
-    def __init__(self):
-        super().__init__(0)
+    def __init__(self, received: signal.Signals | None):
+        super().__init__(130 if received == signal.SIGINT else 0)
 
 
 class PreemptionCallback(TrainerCallback):

@@ -13,6 +13,7 @@ The training scripts, the feature-cache command and the demo all start through h
 
 import logging
 import os
+import shlex
 import sys
 from collections.abc import Callable
 from functools import partial
@@ -168,6 +169,14 @@ def text_corpus(dataset: Dataset | ShardStream) -> list[str]:
     return texts
 
 
+def resume_hint(training_args: TrainingArguments) -> str:
+    """How to go on from the newest checkpoint: the same command again (it resumes without being told)."""
+    if training_args.world_size > 1:
+        return ("Run the same launch command again to resume from it (the newest complete checkpoint in output_dir "
+                "is picked up)")
+    return f"Resume from it with the same command: {shlex.join(sys.orig_argv)}"
+
+
 def run_stage(
     trainer: Trainer,
     training_args: TrainingArguments,
@@ -178,8 +187,9 @@ def run_stage(
     of them, e.g. under DeepSpeed; it writes the model card with the model), then pushes the output folder to the
     Hub when `push_to_hub` is set.
 
-    SIGTERM or SIGUSR1 during training saves a checkpoint at the next step and raises `TrainingPreempted` (exit
-    status 0, nothing after training runs): running the same command again resumes from that checkpoint.
+    SIGTERM, SIGUSR1 or SIGINT (Ctrl-C) during training saves a checkpoint at the next step and raises
+    `TrainingPreempted` (exit status 0, after Ctrl-C 130; nothing after training runs): running the same command
+    again resumes from that checkpoint.
 
     Returns the train and eval metrics, also saved as `train_results.json`/`eval_results.json`.
     """
@@ -191,11 +201,11 @@ def run_stage(
         if preemption.stopped_at is not None:
             if trainer.is_world_process_zero():
                 logger.warning(
-                    "stopped by %s at step %d; checkpoint saved in %s/checkpoint-%d. Run the same command again to "
-                    "resume from it (the newest complete checkpoint in output_dir is picked up)",
+                    "stopped by %s at step %d; checkpoint saved in %s/checkpoint-%d. %s",
                     preemption.received.name if preemption.received else "a signal on another process",
-                    preemption.stopped_at, training_args.output_dir, preemption.stopped_at)
-            raise TrainingPreempted()
+                    preemption.stopped_at, training_args.output_dir, preemption.stopped_at,
+                    resume_hint(training_args))
+            raise TrainingPreempted(preemption.received)
         trainer.save_state()
         metrics.update(result.metrics)
         trainer.log_metrics("train", result.metrics)
@@ -211,4 +221,7 @@ def run_stage(
     return metrics
 
 
-__all__ = ["configure_logging", "keep_token_out_of_files", "load_splits", "run_stage", "start_stage", "text_corpus"]
+__all__ = [
+    "configure_logging", "keep_token_out_of_files", "load_splits", "resume_hint", "run_stage", "start_stage",
+    "text_corpus",
+]

@@ -1,6 +1,6 @@
-"""A preempted run (SIGUSR1 as SLURM sends ahead of a job's end, SIGTERM to torchrun as a scheduler stopping a job
-sends it) writes a complete checkpoint at the next step, exits cleanly, and the same command
-run again ends where an uninterrupted run ends."""
+"""A preempted or interrupted run (SIGUSR1 as SLURM sends ahead of a job's end, SIGTERM to torchrun as a scheduler
+stopping a job sends it, SIGINT as Ctrl-C sends it, on one process and through torchrun) writes a complete
+checkpoint at the next step, exits cleanly, and the same command run again ends where an uninterrupted run ends."""
 
 import signal
 import subprocess
@@ -69,7 +69,9 @@ def assert_resumed_run_equals_uninterrupted(resumed: Path, reference: Path) -> N
     assert losses == expected
 
 
-def test_sigusr1_on_one_process_checkpoints_exits_0_and_the_rerun_resumes_exactly(shapes_data, tmp_path):
+# SIGUSR1: a scheduler's notice, a clean stop (0); SIGINT: Ctrl-C, an interrupted command (130).
+@pytest.mark.parametrize("signum, status", [(signal.SIGUSR1, 0), (signal.SIGINT, 130)], ids=["SIGUSR1", "SIGINT"])
+def test_a_signal_on_one_process_checkpoints_and_the_rerun_resumes_exactly(shapes_data, tmp_path, signum, status):
     reference, preempted = tmp_path / "uninterrupted", tmp_path / "preempted"
     run("training.train_qformer", stage1_args(shapes_data, reference, max_steps=STEPS), tmp_path / "reference.log")
 
@@ -77,13 +79,15 @@ def test_sigusr1_on_one_process_checkpoints_exits_0_and_the_rerun_resumes_exactl
     args = stage1_args(shapes_data, preempted, max_steps=STEPS)
     log = tmp_path / "preempted.log"
     process = start("training.train_qformer", args, log)
-    signal_after_step_3(process, log, lambda: process.send_signal(signal.SIGUSR1))
+    signal_after_step_3(process, log, lambda: process.send_signal(signum))
     output = log.read_text()
-    assert process.returncode == 0, output[-4000:]
+    assert process.returncode == status, output[-4000:]
     [checkpoint] = checkpoints(preempted)
     step = int(checkpoint.name.split("-")[1])
     assert 3 <= step < STEPS and is_complete_checkpoint(checkpoint)
-    assert f"stopped by SIGUSR1 at step {step}; checkpoint saved in {checkpoint}" in output
+    assert f"stopped by {signum.name} at step {step}; checkpoint saved in {checkpoint}" in output
+    assert "Resume from it with the same command: " in output and "-m training.train_qformer" in output
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output
     assert not (preempted / "model.safetensors").exists(), "a preempted run skips the final save"
 
     output = run("training.train_qformer", args, tmp_path / "rerun.log")  # the same command, nothing added
@@ -91,9 +95,9 @@ def test_sigusr1_on_one_process_checkpoints_exits_0_and_the_rerun_resumes_exactl
     assert_resumed_run_equals_uninterrupted(preempted, reference)
 
 
-def test_sigterm_to_torchrun_checkpoints_every_rank_and_the_rerun_resumes_exactly(
-    shapes_data, tmp_path
-):
+# SIGTERM: a scheduler stopping the job; SIGINT: Ctrl-C in the terminal, which torchrun forwards the same way.
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_to_torchrun_checkpoints_every_rank_and_the_rerun_resumes_exactly(shapes_data, tmp_path, signum):
     reference, preempted = tmp_path / "uninterrupted", tmp_path / "preempted"
     run_torchrun(["-m", "training.train_qformer", *stage1_args(shapes_data, reference, max_steps=STEPS)],
                  tmp_path / "reference.log")
@@ -102,14 +106,15 @@ def test_sigterm_to_torchrun_checkpoints_every_rank_and_the_rerun_resumes_exactl
     log = tmp_path / "preempted.log"
     process = torchrun(args, log)
     # torchrun forwards the signal to each worker (they run in sessions of their own).
-    signal_after_step_3(process, log, lambda: process.send_signal(signal.SIGTERM))
+    signal_after_step_3(process, log, lambda: process.send_signal(signum))
     output = log.read_text()
     [checkpoint] = checkpoints(preempted)
     step = int(checkpoint.name.split("-")[1])
     assert 3 <= step < STEPS and is_complete_checkpoint(checkpoint)
     assert {p.name for p in checkpoint.glob("rng_state_*.pth")} == {"rng_state_0.pth", "rng_state_1.pth"}
-    assert output.count("received SIGTERM: saving a checkpoint") == 2, output[-4000:]
-    assert f"stopped by SIGTERM at step {step}" in output
+    assert output.count(f"received {signum.name}: saving a checkpoint") == 2, output[-4000:]
+    assert f"stopped by {signum.name} at step {step}" in output
+    assert "Run the same launch command again" in output
     # The workers stopped cleanly; torchrun itself re-raises the signal it got once they are done.
     assert "ChildFailedError" not in output and "exitcode" not in output, output[-4000:]
 
@@ -123,22 +128,24 @@ SIGNAL_TWICE = textwrap.dedent("""
     from training.preemption import PreemptionCallback
     callback = PreemptionCallback(Accelerator(cpu=True))
     callback.on_train_begin(None, None, None)
-    os.kill(os.getpid(), signal.SIGTERM)
-    os.kill(os.getpid(), signal.SIGTERM)  # a repeat within the window: the same notice
+    first, second = signal.Signals[sys.argv[2]], signal.Signals[sys.argv[3]]
+    os.kill(os.getpid(), first)
+    os.kill(os.getpid(), first)  # a repeat within the window: the same notice
     print("survived the repeat", flush=True)
     time.sleep(float(sys.argv[1]))
-    os.kill(os.getpid(), signal.SIGUSR1)  # a second notice after the window
+    os.kill(os.getpid(), second)  # a second notice after the window
     time.sleep(1)
     print("survived the second signal", flush=True)
 """)
 
 
-def test_a_second_signal_after_the_repeat_window_ends_the_process_at_once():
+@pytest.mark.parametrize("first, second", [("SIGTERM", "SIGUSR1"), ("SIGINT", "SIGINT")])
+def test_a_second_signal_after_the_repeat_window_ends_the_process_at_once(first, second):
     gap_s = REPEAT_WINDOW_S + 0.5
-    process = subprocess.run([sys.executable, "-c", SIGNAL_TWICE, str(gap_s)], cwd=REPO, env=script_env(),
-                             capture_output=True, text=True, timeout=60)
+    process = subprocess.run([sys.executable, "-c", SIGNAL_TWICE, str(gap_s), first, second], cwd=REPO,
+                             env=script_env(), capture_output=True, text=True, timeout=60)
     assert "survived the repeat" in process.stdout, process.stderr
     assert "survived the second signal" not in process.stdout
-    assert process.returncode == -signal.SIGUSR1, process.stderr
-    assert "received SIGUSR1 again: stopping now, without a checkpoint" in process.stderr
+    assert process.returncode == -signal.Signals[second], process.stderr
+    assert f"received {second} again: stopping now, without a checkpoint" in process.stderr
 
