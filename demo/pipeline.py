@@ -26,6 +26,7 @@ from eval.run import evaluate_model
 from training import train_qformer, train_vlm
 from training.arguments import DataArguments, QFormerModelArguments, TrainingArguments, VLMModelArguments, parse_args
 from training.models import build_stage1_model, build_stage2_model
+from training.output_lock import OutputDirLock
 from training.stage import cpu_has_bf16, load_splits, start_stage, text_corpus
 
 from .report import stage1_scores, stage2_scores, table, write_report
@@ -119,6 +120,8 @@ def main(argv: list[str] | None = None) -> dict:
     _, stage1_data, _ = parse_args((QFormerModelArguments, DataArguments, TrainingArguments), stage1)
     parse_args((VLMModelArguments, DataArguments, TrainingArguments), stage2)
 
+    # Before anything in `out` is removed or rewritten: a second demo into the same folder stops here.
+    OutputDirLock(out).acquire()
     if not bf16_in_hardware:
         logger.info("this CPU has no bfloat16 instructions (AVX-512 BF16 or AMX): stage 2 trains in float32")
     logger.info("1/5 generating %d training and %d validation images in %s", args.train, args.validation, data)

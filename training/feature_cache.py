@@ -316,7 +316,8 @@ def main(argv: list[str] | None = None) -> FeatureCache:
             "{qformer,vlm} config.yaml --feature_cache DIR"
         )
     arguments_class, build_model = STAGES[stage]
-    model_args, data_args, training_args = start_stage(arguments_class, argv)
+    # The cache is written to --feature_cache, not to output_dir: no run's lock to take.
+    model_args, data_args, training_args = start_stage(arguments_class, argv, lock_output_dir=False)
     if not data_args.feature_cache:
         raise UserError("say where the cache goes: --feature_cache DIR (the same value training will use)")
     train, evaluation = load_splits(data_args, training_args)

@@ -1,6 +1,7 @@
 """The steps every training stage shares, in the order its script runs them.
 
-1. `start_stage`: arguments (YAML file + command line; a Hub token never stays in them), logging, seed.
+1. `start_stage`: arguments (YAML file + command line; a Hub token never stays in them), logging, the run's lock on
+   its output_dir, seed.
 2. `load_splits`: the training and evaluation splits through the one loading path of their kind (image-text data:
    `data.loading`; conversations: `training.conversation_data`), bad samples counted and logged; `text_corpus`:
    the texts a tiny preset's tokenizers are trained on.
@@ -31,6 +32,7 @@ from data.streaming import ShardStream
 
 from .arguments import DataArguments, parse_args
 from .conversation_data import IMAGE_TEXT, conversation_stream, data_format, load_conversation_splits, load_source
+from .output_lock import OutputDirLock
 from .preemption import PreemptionCallback, TrainingPreempted
 
 logger = logging.getLogger(__name__)
@@ -64,12 +66,14 @@ def cpu_has_bf16() -> bool:
     return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
 
 
-def start_stage(model_arguments_class: type, argv: list[str] | None):
+def start_stage(model_arguments_class: type, argv: list[str] | None, lock_output_dir: bool = True):
     """Every stage's opening: model, data and training arguments from YAML + command line (the Hub token kept out
-    of them), logging, seed."""
+    of them), logging, the run's lock on its output_dir (`training.output_lock`; the first process takes it), seed."""
     model_args, data_args, training_args = parse_args((model_arguments_class, DataArguments, TrainingArguments), argv)
     keep_token_out_of_files(training_args)
     configure_logging(training_args)
+    if lock_output_dir and training_args.process_index == 0:
+        OutputDirLock(training_args.output_dir).acquire()
     set_seed(training_args.seed)
     on_cpu = training_args.use_cpu or not torch.cuda.is_available()
     if training_args.bf16 and on_cpu and not cpu_has_bf16():

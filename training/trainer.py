@@ -17,6 +17,8 @@ from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 from eval.model_card import write_model_card
 from modeling.lora import load_non_lora_trainables, save_non_lora_trainables
 
+from .output_lock import LOCK_NAME
+
 logger = logging.getLogger(__name__)
 
 
@@ -111,12 +113,14 @@ class ParamGroupTrainer(Trainer):
 
 # Pickles: training_args.bin (the arguments), and in checkpoints the optimizer, scheduler and RNG states. A pickle
 # runs code when loaded, so none goes up to the Hub: a pushed checkpoint holds weights, card and processor, and a run
-# resumes from its local checkpoint folder.
+# resumes from its local checkpoint folder. The run's lock file is of this machine only.
 PICKLE_PATTERNS = ["*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle"]
+LOCAL_ONLY_PATTERNS = [*PICKLE_PATTERNS, LOCK_NAME]
 
 
 class _UploadsWithoutPickles:
-    """The Hub API the Trainer pushes through, with `PICKLE_PATTERNS` added to every upload_folder's ignore list."""
+    """The Hub API the Trainer pushes through, with `LOCAL_ONLY_PATTERNS` added to every upload_folder's ignore
+    list."""
 
     def __init__(self, api):
         self._api = api
@@ -125,7 +129,8 @@ class _UploadsWithoutPickles:
         return getattr(self._api, name)
 
     def upload_folder(self, *args, ignore_patterns=None, **kwargs):
-        return self._api.upload_folder(*args, ignore_patterns=[*(ignore_patterns or []), *PICKLE_PATTERNS], **kwargs)
+        return self._api.upload_folder(*args, ignore_patterns=[*(ignore_patterns or []), *LOCAL_ONLY_PATTERNS],
+                                       **kwargs)
 
 
 @contextmanager
