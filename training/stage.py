@@ -31,6 +31,7 @@ from data.loading import SkipReport, load_image_text_dataset, split_train_eval
 from data.streaming import ShardStream
 
 from .arguments import DataArguments, parse_args
+from .checkpoints import remove_staging_leftovers
 from .conversation_data import IMAGE_TEXT, conversation_stream, data_format, load_conversation_splits, load_source
 from .output_lock import OutputDirLock
 from .preemption import PreemptionCallback, TrainingPreempted
@@ -74,6 +75,7 @@ def start_stage(model_arguments_class: type, argv: list[str] | None, lock_output
     configure_logging(training_args)
     if lock_output_dir and training_args.process_index == 0:
         OutputDirLock(training_args.output_dir).acquire()
+        remove_staging_leftovers(training_args.output_dir)  # no other run writes there: it holds the lock
     set_seed(training_args.seed)
     on_cpu = training_args.use_cpu or not torch.cuda.is_available()
     if training_args.bf16 and on_cpu and not cpu_has_bf16():
@@ -185,11 +187,12 @@ def run_stage(
     trainer: Trainer,
     training_args: TrainingArguments,
     resume_from: str | None,
-    save_outputs: Callable[[], None],
+    save_outputs: Callable[[str], None],
 ) -> dict:
-    """Trains (resuming from `resume_from`), evaluates, calls `save_outputs` on every process (saving may need all
-    of them, e.g. under DeepSpeed; it writes the model card with the model), then pushes the output folder to the
-    Hub when `push_to_hub` is set.
+    """Trains (resuming from `resume_from`), evaluates, calls `save_outputs(folder)` on every process (saving may
+    need all of them, e.g. under DeepSpeed; it writes the model card with the model) with a staging folder that is
+    moved into output_dir once written (`training.checkpoints`), then pushes the output folder to the Hub when
+    `push_to_hub` is set.
 
     SIGTERM, SIGUSR1 or SIGINT (Ctrl-C) during training saves a checkpoint at the next step and raises
     `TrainingPreempted` (exit status 0, after Ctrl-C 130; nothing after training runs): running the same command
@@ -219,7 +222,7 @@ def run_stage(
         metrics.update(eval_metrics)
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
-    save_outputs()
+    trainer.save_final_model(save_outputs, training_args.output_dir)
     if training_args.push_to_hub:
         trainer.push_to_hub()
     return metrics

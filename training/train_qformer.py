@@ -18,7 +18,7 @@ from eval.retrieval import retrieval_metrics
 from modeling.qformer_losses import query_text_similarity
 
 from .arguments import DataArguments, QFormerModelArguments
-from .checkpoints import resolve_resume_checkpoint
+from .checkpoints import AtomicSavesMixin, resolve_resume_checkpoint
 from .collators import ContrastiveCollator
 from .device_normalize import DeviceNormalizeMixin
 from .feature_cache import with_feature_cache
@@ -36,7 +36,9 @@ PRETRAINED_WEIGHTS = (
 )
 
 
-class QFormerTrainer(StreamingTrainerMixin, DeviceNormalizeMixin, ModelCardTrainerMixin, ParamGroupTrainer):
+class QFormerTrainer(
+    AtomicSavesMixin, StreamingTrainerMixin, DeviceNormalizeMixin, ModelCardTrainerMixin, ParamGroupTrainer
+):
     """Evaluation returns each sample's image and caption embeddings, so retrieval can rank the whole split."""
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):

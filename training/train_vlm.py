@@ -22,7 +22,7 @@ from eval.generation import CAPTION_PROMPT, generate_texts
 from modeling.lora import save_adapter
 
 from .arguments import DataArguments, VLMModelArguments
-from .checkpoints import resolve_resume_checkpoint
+from .checkpoints import AtomicSavesMixin, resolve_resume_checkpoint
 from .conversation_collator import ConversationCollator
 from .conversation_data import with_lengths
 from .device_normalize import DeviceNormalizeMixin
@@ -39,7 +39,9 @@ logger = logging.getLogger(__name__)
 QFORMER_WEIGHTS = r"(^|\.)qformer\."
 
 
-class VLMTrainer(StreamingTrainerMixin, DeviceNormalizeMixin, ModelCardTrainerMixin, ParamGroupTrainer):
+class VLMTrainer(
+    AtomicSavesMixin, StreamingTrainerMixin, DeviceNormalizeMixin, ModelCardTrainerMixin, ParamGroupTrainer
+):
     pass
 
 
@@ -175,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
     trainer, resume_from = build_trainer(model_args, data_args, training_args)
     # Train, evaluate, save (merged model, adapter, processor, cards), push.
     return run_stage(trainer, training_args, resume_from,
-                     lambda: save_outputs(trainer, trainer.processing_class, training_args.output_dir))
+                     lambda folder: save_outputs(trainer, trainer.processing_class, folder))
 
 
 if __name__ == "__main__":

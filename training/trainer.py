@@ -17,6 +17,7 @@ from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 from eval.model_card import write_model_card
 from modeling.lora import load_non_lora_trainables, save_non_lora_trainables
 
+from .checkpoints import STAGING_PREFIX
 from .output_lock import LOCK_NAME
 
 logger = logging.getLogger(__name__)
@@ -113,9 +114,10 @@ class ParamGroupTrainer(Trainer):
 
 # Pickles: training_args.bin (the arguments), and in checkpoints the optimizer, scheduler and RNG states. A pickle
 # runs code when loaded, so none goes up to the Hub: a pushed checkpoint holds weights, card and processor, and a run
-# resumes from its local checkpoint folder. The run's lock file is of this machine only.
+# resumes from its local checkpoint folder. The run's lock file and folders still being written are of this machine
+# only.
 PICKLE_PATTERNS = ["*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle"]
-LOCAL_ONLY_PATTERNS = [*PICKLE_PATTERNS, LOCK_NAME]
+LOCAL_ONLY_PATTERNS = [*PICKLE_PATTERNS, LOCK_NAME, f"{STAGING_PREFIX}*"]
 
 
 class _UploadsWithoutPickles:

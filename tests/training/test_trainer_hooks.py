@@ -1,7 +1,8 @@
 """The Trainer's private methods that our trainers override, pinned to the transformers installed.
 
 Each override carries a job no public hook does (exact resume of streams and LoRA runs, complete checkpoints on
-every rank, no pickles on the Hub, uint8 pixels normalised on the device; the comment above each says which). A
+every rank, checkpoints renamed into place only when whole, no pickles on the Hub, uint8 pixels normalised on the
+device; the comment above each, or its class's docstring, says which). A
 transformers release that renames one of these methods, changes its parameters or stops calling it from the path
 we rely on would turn that job off without an error. These tests fail first, naming the method.
 """
@@ -12,11 +13,12 @@ import pytest
 import transformers
 from transformers import Trainer
 
+from training.checkpoints import AtomicSavesMixin
 from training.device_normalize import DeviceNormalizeMixin
 from training.streaming import StreamingTrainerMixin
 from training.trainer import ModelCardTrainerMixin, ParamGroupTrainer
 
-OURS = (ParamGroupTrainer, ModelCardTrainerMixin, StreamingTrainerMixin, DeviceNormalizeMixin)
+OURS = (ParamGroupTrainer, ModelCardTrainerMixin, StreamingTrainerMixin, DeviceNormalizeMixin, AtomicSavesMixin)
 
 # The private Trainer method -> the Trainer methods whose calls to it our override depends on.
 CALLED_FROM = {
@@ -27,6 +29,8 @@ CALLED_FROM = {
     "_load_rng_state": {"_run_epoch"},
     "_load_best_model": {"_finalize_training"},
     "_prepare_inputs": {"training_step", "prediction_step"},
+    "_save_checkpoint": {"_maybe_log_save_evaluate"},
+    "_get_output_dir": {"_save_checkpoint"},
 }
 
 
