@@ -77,8 +77,9 @@ def open_dataset(
     except Exception as err:  # noqa: BLE001 - network, auth and not-found errors all need the same advice
         raise UserError(
             f"could not load {source!r} (config {config_name!r}) from the Hugging Face Hub, and there is no local "
-            f"file or folder of that name ({type(err).__name__}: {one_line(err)[:300]}); if this machine is offline, "
-            "load it on a connected one and copy it here (save_to_disk, or the dataset's parquet files), then pass "
-            "that local folder or file instead; if online, check the name, config and your access rights"
+            f"file or folder of that name ({type(err).__name__}: {one_line(err)[:300]}); if this machine is offline "
+            "(or HF_HUB_OFFLINE is set), load it on a connected one and copy it here (save_to_disk, or the "
+            "dataset's parquet files), then pass that local folder or file instead; if online, check the name, "
+            "config and your access rights"
         ) from err
     return pick_split(loaded, split, source)

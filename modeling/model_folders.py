@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from huggingface_hub.errors import HTTPError
 from safetensors import SafetensorError, safe_open
 from transformers import PreTrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -154,10 +155,11 @@ def hub_errors(option: str, name: str):
     """Turns a failure to load `name` (a local folder or a Hub name) into a `UserError` naming the option."""
     try:
         yield
-    except OSError as err:
+    except (OSError, HTTPError) as err:  # httpx's network errors are not OSErrors
         advice = "" if os.path.isdir(os.path.expanduser(name)) else (
             "; no such local folder, and the Hugging Face Hub could not provide it: check the name, the network and "
-            "your access, or pass a local folder"
+            "your access (with HF_HUB_OFFLINE=1 only models already in the cache load), or download it on a "
+            "connected machine (`hf download NAME --local-dir DIR`) and pass that local folder"
         )
         raise UserError(f"{option} {name}: could not be loaded ({one_line(err)[:300]}){advice}") from err
 

@@ -143,6 +143,12 @@ class AtomicSavesMixin:
         return sum(p.numel() * p.element_size() for p in params) + sum(
             2 * p.numel() * 4 for p in params if p.requires_grad)
 
+    def save_final_weights(self, folder: str) -> None:
+        """The Trainer's `save_model` into `folder`, without the push it adds when `push_to_hub` is set: that push
+        uploads output_dir, which the final model reaches only after `save_final_model` has moved it there
+        (`_internal_call` is the Trainer's own switch for it; tests/training/test_trainer_hooks.py pins it)."""
+        self.save_model(folder, _internal_call=True)
+
     def save_final_model(self, save: Callable[[str], None], output_dir: str) -> None:
         """Calls `save(folder)` on every process with a staging folder, then moves the result into `output_dir`."""
         output_dir = Path(output_dir)

@@ -33,8 +33,10 @@ from data.streaming import ShardStream
 from .arguments import DataArguments, parse_args
 from .checkpoints import remove_staging_leftovers
 from .conversation_data import IMAGE_TEXT, conversation_stream, data_format, load_conversation_splits, load_source
+from .hub_push import check_push, push_or_explain
 from .output_lock import OutputDirLock
 from .preemption import PreemptionCallback, TrainingPreempted
+from .trainer import LOCAL_ONLY_PATTERNS
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +75,8 @@ def start_stage(model_arguments_class: type, argv: list[str] | None, lock_output
     model_args, data_args, training_args = parse_args((model_arguments_class, DataArguments, TrainingArguments), argv)
     keep_token_out_of_files(training_args)
     configure_logging(training_args)
+    if training_args.process_index == 0:
+        check_push(training_args)  # before minutes of data loading, and before the Trainer creates the repository
     if lock_output_dir and training_args.process_index == 0:
         OutputDirLock(training_args.output_dir).acquire()
         remove_staging_leftovers(training_args.output_dir)  # no other run writes there: it holds the lock
@@ -224,7 +228,7 @@ def run_stage(
         trainer.save_metrics("eval", eval_metrics)
     trainer.save_final_model(save_outputs, training_args.output_dir)
     if training_args.push_to_hub:
-        trainer.push_to_hub()
+        push_or_explain(trainer, training_args, LOCAL_ONLY_PATTERNS)
     return metrics
 
 

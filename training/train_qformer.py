@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
     # Data, model, Trainer.
     trainer, resume_from = build_trainer(model_args, data_args, training_args)
     # Train, evaluate, save (model, processor, card), push.
-    return run_stage(trainer, training_args, resume_from, trainer.save_model)
+    return run_stage(trainer, training_args, resume_from, trainer.save_final_weights)
 
 
 if __name__ == "__main__":

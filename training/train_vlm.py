@@ -98,7 +98,7 @@ def save_outputs(trainer: VLMTrainer, processor, output_dir: str) -> None:
     model = trainer.accelerator.unwrap_model(trainer.model)
     if not hasattr(model, "merge_and_unload"):
         # The Trainer's save, on every process: under FSDP the weights are gathered from all of them.
-        trainer.save_model(output_dir)
+        trainer.save_final_weights(output_dir)
         return
     if not trainer.is_world_process_zero():
         return

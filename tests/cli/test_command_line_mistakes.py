@@ -134,7 +134,8 @@ def _cases(w: dict[str, str], out: str) -> dict[str, tuple[list[str], list[str]]
                                               "--hard_negatives", "2"],
                                              ["hard_negatives: 2", "negative_captions", "hard_negatives: 0"]),
         "no checkpoint to resume": ([*q, STAGE1, *data, "--resume_from_checkpoint", "true", "--output_dir",
-                                     w["empty"]], ["--resume_from_checkpoint", "no complete checkpoint", w["empty"]]),
+                                     f"{out}/fresh"], ["--resume_from_checkpoint", "no complete checkpoint",
+                                                       f"{out}/fresh"]),
         "incomplete checkpoint": ([*q, STAGE1, *data, "--resume_from_checkpoint", f"{w['run']}/checkpoint-7"],
                                   [f"{w['run']}/checkpoint-7", "not a complete checkpoint"]),
         "q-former path typo": ([*v, *v_args, "--qformer_name_or_path", w["qformer"][:-1]],
@@ -199,7 +200,10 @@ def _cases(w: dict[str, str], out: str) -> dict[str, tuple[list[str], list[str]]
 def results(tmp_path_factory):
     root = tmp_path_factory.mktemp("mistakes")
     torch.manual_seed(0)
-    cases = _cases(_world(root / "world"), str(root / "out"))
+    out = str(root / "out")
+    # Each case its own output folder: two cases run at once, and a run takes a lock on its output_dir.
+    cases = {name: ([f"{arg}{i}" if arg == f"{out}/o" else arg for arg in command], words)
+             for i, (name, (command, words)) in enumerate(_cases(_world(root / "world"), out).items())}
     (root / "spec.json").write_text(json.dumps({name: command for name, (command, _) in cases.items()}))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "OMP_NUM_THREADS": "1",
            "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}

@@ -65,3 +65,10 @@ def test_the_hub_api_the_pushes_go_through():
     assert {"push_to_hub", "_push_from_checkpoint"} <= {
         method for method, function in inspect.getmembers(Trainer, inspect.isfunction)
         if "hf_api()" in inspect.getsource(function)}
+
+
+def test_save_model_still_pushes_only_outside_internal_calls():
+    """`AtomicSavesMixin.save_final_weights` saves through `save_model(folder, _internal_call=True)` so that it
+    does not push output_dir before the final model is moved there."""
+    assert "_internal_call" in inspect.signature(Trainer.save_model).parameters
+    assert "not _internal_call" in inspect.getsource(Trainer.save_model)
