@@ -6,8 +6,12 @@ same entry points and configs users run on GPUs (configs/tiny/*.yaml); evaluate 
 scored against the drawn scene, and against shuffled images) and write that evaluation into their model cards; write
 outputs/demo/ (models, report.md, pictures, metrics.json) and print a table. Retrieval, caption recall and VQA are
 also scored apart on the held-out combinations (the `_held_out` rows) and on the seen ones (`_seen`).
+
+A demo stopped by Ctrl-C or a scheduler's signal leaves a checkpoint of the stage it was training; the same command
+run again resumes that stage from it (another command starts over).
 """
 
+import json
 import logging
 import shutil
 import sys
@@ -25,6 +29,7 @@ from eval.report import load_log_history, plot_training_curves
 from eval.run import evaluate_model
 from training import train_qformer, train_vlm
 from training.arguments import DataArguments, QFormerModelArguments, TrainingArguments, VLMModelArguments, parse_args
+from training.checkpoints import last_complete_checkpoint
 from training.models import build_stage1_model, build_stage2_model
 from training.output_lock import OutputDirLock
 from training.stage import cpu_has_bf16, load_splits, start_stage, text_corpus
@@ -37,6 +42,8 @@ logger = logging.getLogger("demo")
 UNTRAINED = [["training", "none: the demo's untrained baseline, built as training starts"]]
 # A colour-shape pair and a size-colour pair: neither is in any training sample, both are in validation.
 DEFAULT_HOLDOUTS = ["green triangle", "large blue"]
+# The two training command lines of the demo that last ran in an output folder: a rerun resumes only its own.
+COMMAND_RECORD = "demo_command.json"
 
 
 def parse_demo_args(argv: list[str] | None):
@@ -73,6 +80,26 @@ def stage_command_lines(args, out: Path, bf16_in_hardware: bool) -> tuple[list[s
     stage1 += ["--max_steps", str(args.stage1_steps)] if args.stage1_steps else []
     stage2 += ["--max_steps", str(args.stage2_steps)] if args.stage2_steps else []
     return stage1 + args.extra, stage2 + args.extra
+
+
+def clear_previous_outputs(out: Path, stage1: list[str], stage2: list[str]) -> list[str]:
+    """Removes what an earlier demo left in `out`, except a stage folder holding a complete checkpoint written by
+    these same command lines: a demo stopped by Ctrl-C or a scheduler's signal resumes there when run again, as the
+    stopped stage said it would. Returns the stage folders kept."""
+    commands = {"stage1": stage1, "stage2": stage2}
+    record = out / COMMAND_RECORD
+    same_command = record.is_file() and json.loads(record.read_text()) == commands
+    kept = []
+    for name in ("qformer", "vlm", "untrained", "eval"):
+        if same_command and name in ("qformer", "vlm") and last_complete_checkpoint(out / name, quiet=True):
+            logger.info("keeping %s: it holds a checkpoint of this same demo, which its training resumes from",
+                        out / name)
+            kept.append(name)
+        else:
+            shutil.rmtree(out / name, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(commands))
+    return kept
 
 
 def save_untrained(out: Path, stage1: list[str], stage2: list[str]) -> tuple[Path, Path]:
@@ -131,8 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
     n_validation = min(args.eval_samples or args.validation, args.validation)
     n_untrained = min(args.untrained_eval_samples, n_validation)
     logger.info("2/5 evaluating the untrained models on %d validation samples", n_untrained)
-    for stale in ("qformer", "vlm", "untrained", "eval"):
-        shutil.rmtree(out / stale, ignore_errors=True)
+    clear_previous_outputs(out, stage1, stage2)
     untrained_q, untrained_v = save_untrained(out / "untrained", stage1, stage2)
     u1, u2 = evaluate_pair(untrained_q, untrained_v, data, out / "untrained" / "eval", n_untrained,
                            stage1_caption_column=stage1_data.caption_column)
