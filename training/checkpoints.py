@@ -59,17 +59,17 @@ def save_failed(what: str, where: Path, err: BaseException, needed_bytes: int | 
 
 
 def _move_into_place(source: Path, target: Path) -> None:
-    """Renames `source` to `target`, replacing a file or folder already there; the old one is moved aside first and
-    deleted last, so one of the two is always whole."""
+    """Renames `source` to `target`, replacing what is there. A file is replaced in one atomic rename; a rename
+    cannot replace a folder that has files, so an old folder is moved aside first and deleted last, and one of the
+    two is always whole."""
+    if not target.is_dir():
+        os.replace(source, target)
+        return
     aside = target.with_name(f"{STAGING_PREFIX}old-{target.name}")
-    if target.exists():
-        shutil.rmtree(aside, ignore_errors=True)
-        os.replace(target, aside)
+    shutil.rmtree(aside, ignore_errors=True)
+    os.replace(target, aside)
     os.replace(source, target)
-    if aside.is_dir():
-        shutil.rmtree(aside)
-    elif aside.exists():
-        aside.unlink()
+    shutil.rmtree(aside)
 
 
 def publish_final_model(staging: Path, output_dir: Path) -> None:
@@ -139,9 +139,12 @@ class AtomicSavesMixin:
         last = last_complete_checkpoint(run_dir, quiet=True)
         if last is not None:
             return _folder_bytes(Path(last))
-        params = [p for p in self.accelerator.unwrap_model(self.model).parameters()]
-        return sum(p.numel() * p.element_size() for p in params) + sum(
-            2 * p.numel() * 4 for p in params if p.requires_grad)
+        trained = sum(p.numel() for p in self.accelerator.unwrap_model(self.model).parameters() if p.requires_grad)
+        return self._weight_bytes() + 2 * 4 * trained
+
+    def _weight_bytes(self) -> int:
+        """What the model's weights take as saved."""
+        return sum(p.numel() * p.element_size() for p in self.accelerator.unwrap_model(self.model).parameters())
 
     def save_final_weights(self, folder: str) -> None:
         """The Trainer's `save_model` into `folder`, without the push it adds when `push_to_hub` is set: that push
@@ -161,8 +164,7 @@ class AtomicSavesMixin:
         except SAVE_ERRORS as err:
             if self.args.should_save:
                 shutil.rmtree(staging, ignore_errors=True)
-            needed = sum(p.numel() * p.element_size() for p in self.accelerator.unwrap_model(self.model).parameters())
-            raise save_failed("the final model", output_dir, err, needed) from err
+            raise save_failed("the final model", output_dir, err, self._weight_bytes()) from err
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             publish_final_model(staging, output_dir)

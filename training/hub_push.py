@@ -17,6 +17,8 @@ from transformers.utils import hub as transformers_hub
 
 from cli import UserError, one_line
 
+from .trainer import LOCAL_ONLY_PATTERNS
+
 # How the Hub client reports trouble: the network's errors (httpx's, which are not OSErrors), the Hub's HTTP
 # answers (OSErrors), offline mode (a ConnectionError).
 HUB_ERRORS = (HTTPError, OSError)
@@ -48,21 +50,21 @@ def check_push(training_args: TrainingArguments) -> None:
                         f"(and HF_ENDPOINT), {OFF_SWITCH}") from None
 
 
-def upload_command(training_args: TrainingArguments, exclude: list[str]) -> str:
+def upload_command(training_args: TrainingArguments) -> str:
     """The `hf upload` command that sends the saved output folder, without what the Trainer's push leaves out and
-    `exclude`."""
+    what our pushes leave out (`training.trainer.LOCAL_ONLY_PATTERNS`)."""
     repo = training_args.hub_model_id or "<your-name>/<repo>"
     return shlex.join(["hf", "upload", repo, str(training_args.output_dir), "--exclude", *TRAINER_PUSH_IGNORES,
-                       *exclude])
+                       *LOCAL_ONLY_PATTERNS])
 
 
-def push_or_explain(trainer: Trainer, training_args: TrainingArguments, exclude: list[str]) -> None:
+def push_or_explain(trainer: Trainer, training_args: TrainingArguments) -> None:
     """The final `trainer.push_to_hub()`; when it fails, a `UserError` saying the model is saved and how to send it."""
     try:
         trainer.push_to_hub()
     except HUB_ERRORS as err:
         raise UserError(f"uploading to the Hub failed ({one_line(err)}); the model is saved in "
-                        f"{training_args.output_dir}; send it later with: {upload_command(training_args, exclude)}"
+                        f"{training_args.output_dir}; send it later with: {upload_command(training_args)}"
                         ) from err
 
 

@@ -36,7 +36,10 @@ def _process_start(pid: int) -> str | None:
     return stat.rsplit(")", 1)[1].split()[19]  # field 22, counted after the command name
 
 
-def _is_running(pid: int, start: str | None) -> bool:
+def _is_running(pid, start: str | None) -> bool:
+    # A lock without a usable PID is no run's: os.kill(-1, 0) would ask about every process.
+    if not isinstance(pid, int) or pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -79,7 +82,7 @@ class OutputDirLock:
                 )
             if holder.get("pid") == self.me["pid"]:  # this process, starting a stage again
                 break
-            if _is_running(holder.get("pid", -1), holder.get("process_start")):
+            if _is_running(holder.get("pid"), holder.get("process_start")):
                 raise UserError(
                     f"output_dir {self.path.parent} is in use by another run ({_describe(holder)}); wait for it to "
                     "end or give another --output_dir"

@@ -36,7 +36,6 @@ from .conversation_data import IMAGE_TEXT, conversation_stream, data_format, loa
 from .hub_push import check_push, push_or_explain
 from .output_lock import OutputDirLock
 from .preemption import PreemptionCallback, TrainingPreempted
-from .trainer import LOCAL_ONLY_PATTERNS
 
 logger = logging.getLogger(__name__)
 
@@ -77,9 +76,9 @@ def start_stage(model_arguments_class: type, argv: list[str] | None, lock_output
     configure_logging(training_args)
     if training_args.process_index == 0:
         check_push(training_args)  # before minutes of data loading, and before the Trainer creates the repository
-    if lock_output_dir and training_args.process_index == 0:
-        OutputDirLock(training_args.output_dir).acquire()
-        remove_staging_leftovers(training_args.output_dir)  # no other run writes there: it holds the lock
+        if lock_output_dir:
+            OutputDirLock(training_args.output_dir).acquire()
+            remove_staging_leftovers(training_args.output_dir)  # no other run writes there: this one holds the lock
     set_seed(training_args.seed)
     on_cpu = training_args.use_cpu or not torch.cuda.is_available()
     if training_args.bf16 and on_cpu and not cpu_has_bf16():
@@ -228,7 +227,7 @@ def run_stage(
         trainer.save_metrics("eval", eval_metrics)
     trainer.save_final_model(save_outputs, training_args.output_dir)
     if training_args.push_to_hub:
-        push_or_explain(trainer, training_args, LOCAL_ONLY_PATTERNS)
+        push_or_explain(trainer, training_args)
     return metrics
 
 

@@ -92,3 +92,9 @@ def test_two_training_runs_into_one_folder(shapes_data, tmp_path):
     assert first.poll() is None, "the first run goes on"
     finish(first, tmp_path / "first.log")
     assert (out / "model.safetensors").exists() and not (out / LOCK_NAME).exists()
+
+
+def test_a_lock_without_a_pid_is_no_runs(tmp_path, caplog):
+    (tmp_path / LOCK_NAME).write_text(json.dumps({"host": socket.gethostname(), "started": time.time()}))
+    OutputDirLock(tmp_path).acquire()
+    assert "taking over the lock of a run that is no longer running" in caplog.text
